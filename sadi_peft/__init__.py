@@ -1,0 +1,33 @@
+"""sadi-peft: SADI activation steering as a parameter-free PEFT tuner.
+
+``import sadi_peft`` registers the ``"SADI"`` PEFT type, after which ``peft.get_peft_model``,
+``PeftModel.from_pretrained`` and transformers' ``load_adapter`` / ``AutoModelForCausalLM.from_pretrained(adapter_dir)``
+handle SADI adapters like any other.
+"""
+
+from .architectures import ARCHITECTURES, ArchitectureSpec, supported_model_types
+from .calibration import CalibrationResult, apply_top_k, calibrate
+from .config import SADIConfig, SADIPeftType
+from .layer import SADILayer
+from .model import SADIModel, prompt_boundary, register
+from .saving import save_pretrained
+
+register()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARCHITECTURES",
+    "ArchitectureSpec",
+    "CalibrationResult",
+    "SADIConfig",
+    "SADILayer",
+    "SADIModel",
+    "SADIPeftType",
+    "apply_top_k",
+    "calibrate",
+    "prompt_boundary",
+    "register",
+    "save_pretrained",
+    "supported_model_types",
+]

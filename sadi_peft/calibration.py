@@ -1,0 +1,342 @@
+"""From contrastive pairs to a SADI mask: record, average the differences, keep the global top-K.
+
+For each pair (prompt, positive, negative) the model reads ``prompt + separator + positive`` and
+``prompt + separator + negative``; at the last token of each text every SADI site records one statistic per unit:
+
+* head: the attention output projection input at that token, split into heads, **mean over head_dim**;
+* neuron: the gate activation output (SiLU(gate) on Llama; ``neuron_statistic="input"``: the down projection input);
+* hidden: the MLP down projection output.
+
+The score of a unit is the mean over pairs of (positive - negative), signed. The mask keeps the top-K scores ranked
+across all layers at once. Only running sums are kept, so memory does not grow with the number of pairs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .architectures import ARCHITECTURES
+from .config import SADIConfig
+from .model import resolve_adapter, sadi_layers, transformer_model
+
+logger = logging.getLogger(__name__)
+
+Pair = Union[tuple[str, str, str], Mapping[str, str]]
+
+
+@dataclass
+class CalibrationResult:
+    """What :func:`calibrate` found: per-unit scores per module, and the units kept in the mask."""
+
+    adapter_name: str
+    variant: str
+    num_pairs: int
+    scores: dict[str, torch.Tensor]
+    selected: list[tuple[str, int, float]] = field(default_factory=list)
+
+    @property
+    def mask(self) -> dict[str, torch.Tensor]:
+        masks = {name: torch.zeros(s.numel(), dtype=torch.bool) for name, s in self.scores.items()}
+        for name, unit, _ in self.selected:
+            masks[name][unit] = True
+        return masks
+
+    def __repr__(self) -> str:
+        top = ", ".join(f"{name}[{unit}]={score:.4g}" for name, unit, score in self.selected[:8])
+        more = ", ..." if len(self.selected) > 8 else ""
+        return (
+            f"CalibrationResult(adapter={self.adapter_name!r}, variant={self.variant!r}, "
+            f"num_pairs={self.num_pairs}, selected=[{top}{more}])"
+        )
+
+
+def normalize_pair(pair: Any, index: int) -> tuple[str, str, str]:
+    """A (prompt, positive, negative) triple from a tuple/list or a dict with those keys."""
+    if isinstance(pair, Mapping):
+        missing = [key for key in ("prompt", "positive", "negative") if key not in pair]
+        if missing:
+            raise ValueError(f"pairs[{index}] is a dict without the key(s) {missing}; expected prompt/positive/negative.")
+        triple = (pair["prompt"], pair["positive"], pair["negative"])
+    elif isinstance(pair, (tuple, list)) and len(pair) == 3:
+        triple = tuple(pair)
+    else:
+        raise TypeError(
+            f"pairs[{index}] is {type(pair).__name__} {pair!r:.80}; expected a (prompt, positive, negative) triple "
+            "or a dict with those keys."
+        )
+    for part, value in zip(("prompt", "positive", "negative"), triple):
+        if not isinstance(value, str):
+            raise TypeError(f"pairs[{index}].{part} is {type(value).__name__}; expected str.")
+    return triple  # type: ignore[return-value]
+
+
+def _join(prompt: str, answer: str, separator: str, strip: bool) -> str:
+    if strip:
+        return prompt.strip() + separator + answer.strip()
+    return prompt + separator + answer
+
+
+class _Recorder:
+    """Forward hooks that add (positive - negative) statistics at the last token of each text into running sums."""
+
+    def __init__(self, variant: str, unit_counts: dict[str, int]) -> None:
+        self.variant = variant
+        self.unit_counts = unit_counts
+        self.sums: dict[str, torch.Tensor] = {}
+        self.last_index: Optional[torch.Tensor] = None  # [2B], set per batch
+        self.half: int = 0
+
+    def record(self, name: str, activation: torch.Tensor) -> None:
+        rows = torch.arange(activation.shape[0], device=activation.device)
+        last = activation[rows, self.last_index.to(activation.device)].to(torch.float64)  # [2B, F]
+        units = self.unit_counts[name]
+        if last.shape[-1] != units:
+            last = last.reshape(last.shape[0], units, -1).mean(dim=-1)  # heads: mean over head_dim
+        diff = (last[: self.half] - last[self.half :]).sum(dim=0).cpu()
+        if name in self.sums:
+            self.sums[name] += diff
+        else:
+            self.sums[name] = diff
+
+    def input_hook(self, name: str):
+        def hook(module, args, kwargs=None):
+            self.record(name, args[0])
+
+        return hook
+
+    def output_hook(self, name: str):
+        def hook(module, args, output):
+            self.record(name, output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+
+def _recording_sites(model: nn.Module, config: SADIConfig, layers) -> list[tuple[str, nn.Module, str]]:
+    """(layer name, module to hook, "input"|"output") for each SADI layer of the adapter."""
+    inner = transformer_model(model)
+    model_type = getattr(getattr(inner, "config", None), "model_type", None)
+    spec = ARCHITECTURES.get(model_type)
+    sites = []
+    seen_activation_modules: set[int] = set()
+    for name, layer in layers:
+        if config.variant == "hidden":
+            sites.append((name, layer.base_layer, "output"))
+        elif config.variant == "neuron" and config.neuron_statistic == "activation" and spec and spec.activation:
+            if not name.endswith(spec.mlp_out):
+                raise ValueError(
+                    f"Cannot locate the gate activation for {name!r} (expected a name ending in {spec.mlp_out!r}). "
+                    "Use SADIConfig(neuron_statistic='input') to rank neurons on the down projection input."
+                )
+            act_name = name[: -len(spec.mlp_out)] + spec.activation
+            act = inner.get_submodule(act_name)
+            if id(act) in seen_activation_modules:
+                raise ValueError(
+                    f"The activation module {act_name!r} is shared between layers, so its output cannot be "
+                    "attributed to one layer. Use SADIConfig(neuron_statistic='input')."
+                )
+            seen_activation_modules.add(id(act))
+            sites.append((name, act, "output"))
+        else:
+            sites.append((name, layer, "input"))
+    return sites
+
+
+def _batches(pairs: Iterable[Any], batch_size: int):
+    iterator = iter(pairs)
+    start = 0
+    while True:
+        chunk = list(islice(iterator, batch_size))
+        if not chunk:
+            return
+        yield start, chunk
+        start += len(chunk)
+
+
+def calibrate(
+    model: nn.Module,
+    tokenizer,
+    pairs: Iterable[Pair],
+    *,
+    batch_size: int = 16,
+    adapter_name: Optional[str] = None,
+    top_k: Optional[int] = None,
+    separator: str = " ",
+    strip: bool = True,
+    show_progress: bool = True,
+) -> CalibrationResult:
+    """Fill a SADI adapter's mask from contrastive pairs and return the per-unit scores.
+
+    Args:
+        model: a ``PeftModel`` from ``get_peft_model(model, SADIConfig(...))``, or a transformers model with a SADI
+            adapter loaded through ``load_adapter``.
+        tokenizer: the model's tokenizer (needs a pad token when ``batch_size > 1``).
+        pairs: (prompt, positive, negative) triples or dicts with those keys; any iterable, read once, in batches.
+        batch_size: pairs per forward pass (each pass runs ``2 * batch_size`` texts).
+        adapter_name: which SADI adapter; defaults to the single active one.
+        top_k: overrides ``SADIConfig.top_k`` (the config is updated).
+        separator, strip: each text is ``prompt + separator + answer`` (both stripped first when ``strip``, as in
+            the authors' code).
+        show_progress: show a tqdm bar.
+
+    The scores are stored in the adapter (``sadi_scores``) and saved with it; :func:`apply_top_k` re-cuts the mask
+    for another K without running the pairs again. On any error the adapter's previous mask and scores are kept.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is invalid: expected an integer >= 1.")
+    name, config = resolve_adapter(model, adapter_name)
+    layers = sadi_layers(model, name)
+    if not layers:
+        raise ValueError(f"SADI adapter {name!r} is not injected in this model (no SADI layer holds it).")
+    if batch_size > 1 and tokenizer.pad_token_id is None:
+        raise ValueError(
+            "The tokenizer has no pad token, which batched calibration needs. Set one, e.g. "
+            "tokenizer.pad_token = tokenizer.eos_token (padded positions are masked out), or use batch_size=1."
+        )
+    if any(layer.disable_adapters for _, layer in layers):
+        raise ValueError(
+            f"SADI adapter {name!r} is disabled (inside disable_adapter() or after disable_adapters()); enable it "
+            "before calibrating so that the mask lands on the adapter that will run."
+        )
+    if any(name in layer.merged_adapters for _, layer in layers):
+        raise ValueError(f"SADI adapter {name!r} is merged into the weights; unmerge it before calibrating.")
+    inner = transformer_model(model)
+    max_positions = getattr(getattr(inner, "config", None), "max_position_embeddings", None)
+    unit_counts = {layer_name: layer.num_units(name) for layer_name, layer in layers}
+    recorder = _Recorder(config.variant, unit_counts)
+    sites = _recording_sites(model, config, layers)
+
+    saved = {layer_name: (layer.sadi_mask[name].clone(), layer.sadi_scores[name].clone()) for layer_name, layer in layers}
+    handles = []
+    was_training = inner.training
+    forward_params = inspect.signature(inner.forward).parameters
+    extra = {"use_cache": False} if "use_cache" in forward_params else {}
+    if "logits_to_keep" in forward_params:
+        extra["logits_to_keep"] = 1
+    device = next(inner.parameters()).device
+    total = None
+    if hasattr(pairs, "__len__"):
+        total = math.ceil(len(pairs) / batch_size)  # type: ignore[arg-type]
+    num_pairs = 0
+    try:
+        for _, layer in layers:  # the adapter's own gain must not colour its statistics
+            layer.sadi_mask[name].zero_()
+        for layer_name, module, side in sites:
+            if side == "input":
+                handles.append(module.register_forward_pre_hook(recorder.input_hook(layer_name)))
+            else:
+                handles.append(module.register_forward_hook(recorder.output_hook(layer_name)))
+        inner.eval()
+        progress = tqdm(
+            _batches(pairs, batch_size), total=total, desc="SADI calibration", unit="batch", disable=not show_progress
+        )
+        with torch.no_grad():
+            for start, chunk in progress:
+                triples = [normalize_pair(pair, start + i) for i, pair in enumerate(chunk)]
+                pos = [tokenizer(_join(p, y, separator, strip))["input_ids"] for p, y, _ in triples]
+                neg = [tokenizer(_join(p, n, separator, strip))["input_ids"] for p, _, n in triples]
+                for i, (a, b) in enumerate(zip(pos, neg)):
+                    if a == b:
+                        raise ValueError(
+                            f"pairs[{start + i}]: the positive and negative texts tokenize identically "
+                            f"({triples[i][1]!r} vs {triples[i][2]!r}), so the pair carries no contrast."
+                        )
+                    longest = max(len(a), len(b))
+                    if max_positions is not None and longest > max_positions:
+                        raise ValueError(
+                            f"pairs[{start + i}] is {longest} tokens long, more than the model's context "
+                            f"(max_position_embeddings={max_positions}); shorten the prompt."
+                        )
+                    if len(a) == 0 or len(b) == 0:
+                        raise ValueError(f"pairs[{start + i}] tokenizes to an empty sequence.")
+                texts = pos + neg
+                width = max(len(t) for t in texts)
+                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+                input_ids = torch.full((len(texts), width), pad, dtype=torch.long)
+                attention_mask = torch.zeros((len(texts), width), dtype=torch.long)
+                for row, ids in enumerate(texts):  # right padding: positions of real tokens stay 0..n-1
+                    input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                    attention_mask[row, : len(ids)] = 1
+                recorder.last_index = torch.tensor([len(t) - 1 for t in texts], dtype=torch.long)
+                recorder.half = len(triples)
+                inner(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **extra)
+                num_pairs += len(triples)
+        if num_pairs == 0:
+            raise ValueError("pairs is empty: calibration needs at least one (prompt, positive, negative) triple.")
+        for layer_name, layer in layers:
+            mean = (recorder.sums[layer_name] / num_pairs).to(torch.float32)
+            layer.sadi_scores[name] = mean.to(layer.sadi_scores[name].device)
+        if top_k is not None:
+            config.top_k = top_k
+        selected = apply_top_k(model, config.top_k, adapter_name=name)
+    except BaseException:
+        for layer_name, layer in layers:
+            mask, scores = saved[layer_name]
+            layer.sadi_mask[name].copy_(mask)
+            layer.sadi_scores[name] = scores
+        raise
+    finally:
+        for handle in handles:
+            handle.remove()
+        inner.train(was_training)
+
+    config.calibration = {
+        "num_pairs": num_pairs,
+        "statistic": _statistic_name(config),
+        "separator": separator,
+        "strip": strip,
+    }
+    scores = {layer_name: layer.sadi_scores[name].detach().float().cpu().clone() for layer_name, layer in layers}
+    result = CalibrationResult(name, config.variant, num_pairs, scores, selected)
+    logger.info("Calibrated SADI adapter %r on %d pairs: %s", name, num_pairs, result)
+    return result
+
+
+def _statistic_name(config: SADIConfig) -> str:
+    if config.variant == "head":
+        return "head output mean over head_dim"
+    if config.variant == "neuron":
+        return "gate activation" if config.neuron_statistic == "activation" else "down projection input"
+    return "MLP output"
+
+
+def apply_top_k(
+    model: nn.Module, top_k: Optional[int] = None, *, adapter_name: Optional[str] = None, ranking: Optional[str] = None
+) -> list[tuple[str, int, float]]:
+    """Re-cut the mask of a calibrated adapter from its stored scores: the global top-K units across layers.
+
+    Returns the kept units as (module name, unit index, score), best first. Ties keep the earlier layer and unit.
+    """
+    name, config = resolve_adapter(model, adapter_name)
+    layers = sadi_layers(model, name)
+    top_k = config.top_k if top_k is None else top_k
+    ranking = ranking or config.ranking
+    if ranking not in ("signed", "absolute"):
+        raise ValueError(f"ranking={ranking!r} is invalid: expected 'signed' or 'absolute'.")
+    total = sum(layer.num_units(name) for _, layer in layers)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= total:
+        raise ValueError(f"top_k={top_k!r} is invalid: expected an integer in [1, {total}] (units of this adapter).")
+    flat = torch.cat([layer.sadi_scores[name].detach().float().cpu() for _, layer in layers])
+    keys = flat.abs() if ranking == "absolute" else flat
+    order = torch.sort(keys, descending=True, stable=True).indices[:top_k]
+    chosen = torch.zeros_like(flat, dtype=torch.bool)
+    chosen[order] = True
+    offset = 0
+    owners: list[tuple[str, int]] = []
+    for layer_name, layer in layers:
+        n = layer.num_units(name)
+        layer.sadi_mask[name].copy_(chosen[offset : offset + n].to(layer.sadi_mask[name].device))
+        owners.extend((layer_name, unit) for unit in range(n))
+        offset += n
+    config.top_k = top_k
+    config.ranking = ranking
+    return [(owners[i][0], owners[i][1], float(flat[i])) for i in order.tolist()]

@@ -1,0 +1,302 @@
+"""The SADI math: a per-feature gain ``1 + delta * mask`` on one side of a Linear (or GPT-2 Conv1D) layer.
+
+For a wrapped layer ``y = W x + b``:
+
+* input side (SADI-HEAD, SADI-NEURON): ``y = W (g * x) + b``, merged form ``W' = W diag(g)``;
+* output side (SADI-HIDDEN): ``y = g * (W x + b)``, merged form ``W' = diag(g) W``, ``b' = g * b``;
+
+where ``g = 1 + delta`` on masked features and 1 elsewhere. A mask unit is one feature, except for heads, where one
+unit covers ``head_dim`` contiguous input features. Several active SADI adapters on one layer compose
+multiplicatively (like IA3): ``g = prod_k (1 + delta_k * M_k)``.
+
+With ``positions="last"`` the gain applies at one position per row, the last real prompt token, which the model-level
+:class:`ForwardContext` works out for each forward call; such an adapter cannot be merged.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ForwardContext:
+    """Per-model state shared by the SADI layers of one model: where "the last prompt token" is in this call.
+
+    Set by a forward pre-hook on the top-level model (see ``SADIModel``); ``rows``/``cols`` index the
+    (batch row, local position) pairs of the current forward that receive a ``positions="last"`` gain.
+    ``pinned`` holds absolute prompt-end positions for the duration of a ``generate`` call (so that uncached
+    generation steers the same token as cached generation).
+    """
+
+    in_forward: bool = False
+    rows: Optional[torch.Tensor] = None
+    cols: Optional[torch.Tensor] = None
+    pinned: Optional[torch.Tensor] = None
+    warned_empty: set = field(default_factory=set)
+    hook_handles: list = field(default_factory=list)
+    layers: "weakref.WeakSet[SADILayer]" = field(default_factory=weakref.WeakSet)
+
+    def clear_step(self) -> None:
+        self.in_forward = False
+        self.rows = None
+        self.cols = None
+
+
+def _last_attended(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row of a 2-D attention mask (works for left and right padding)."""
+    mask = attention_mask.to(torch.bool)
+    seq_len = mask.shape[-1]
+    flipped_first = torch.flip(mask, dims=[-1]).to(torch.int8).argmax(dim=-1)
+    last = seq_len - 1 - flipped_first
+    # rows with no attended token at all: no position
+    return torch.where(mask.any(dim=-1), last, torch.full_like(last, -1))
+
+
+def prompt_end_positions(attention_mask: Optional[torch.Tensor], batch_size: int, seq_len: int, device) -> torch.Tensor:
+    """Absolute index of the last real token of each row of a prompt batch."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return torch.full((batch_size,), seq_len - 1, dtype=torch.long, device=device)
+    return _last_attended(attention_mask).to(device=device, dtype=torch.long)
+
+
+class SADILayer(BaseTunerLayer):
+    """Per-module SADI state: for each adapter a bool unit mask and the calibration scores it came from."""
+
+    # Nothing is trained: a bool buffer must never receive requires_grad_.
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = (
+        "sadi_mask",
+        "sadi_scores",
+        "sadi_delta",
+        "sadi_side",
+        "sadi_unit_size",
+        "sadi_positions",
+    )
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        # persistent=True: PEFT's BufferDict default (False) would leave the mask out of the checkpoint.
+        self.sadi_mask = BufferDict({}, persistent=True)
+        self.sadi_scores = BufferDict({}, persistent=True)
+        self.sadi_delta: dict[str, float] = {}
+        self.sadi_side: dict[str, str] = {}
+        self.sadi_unit_size: dict[str, int] = {}
+        self.sadi_positions: dict[str, str] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._merge_backups: dict[str, tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = {}
+        self._sadi_context: Optional[ForwardContext] = None
+
+        base = self.get_base_layer()
+        if isinstance(base, nn.Linear):
+            self.in_features, self.out_features = base.in_features, base.out_features
+        elif isinstance(base, Conv1D):
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            raise TypeError(
+                f"SADI wraps torch.nn.Linear or transformers Conv1D layers, got {type(base).__name__}. "
+                "Point target_modules at the attention output projection or the MLP down projection."
+            )
+
+    # ------------------------------------------------------------------ adapters
+    def update_layer(
+        self, adapter_name: str, *, delta: float, positions: str, side: str, num_units: int, unit_size: int
+    ) -> None:
+        features = self.in_features if side == "input" else self.out_features
+        if num_units * unit_size != features:
+            raise ValueError(
+                f"Cannot split the {side} of a layer with {features} features into {num_units} units of "
+                f"{unit_size}; for variant='head' check SADIConfig.num_heads."
+            )
+        device = self.get_base_layer().weight.device
+        if device.type == "meta":
+            device = torch.device("cpu")
+        self.sadi_mask[adapter_name] = torch.zeros(num_units, dtype=torch.bool, device=device)
+        self.sadi_scores[adapter_name] = torch.zeros(num_units, dtype=torch.float32, device=device)
+        self.sadi_delta[adapter_name] = float(delta)
+        self.sadi_side[adapter_name] = side
+        self.sadi_unit_size[adapter_name] = unit_size
+        self.sadi_positions[adapter_name] = positions
+        self.set_adapter(self.active_adapters)
+
+    def num_units(self, adapter_name: str) -> int:
+        return int(self.sadi_mask[adapter_name].numel())
+
+    def feature_gain(self, adapter_name: str, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
+        """``1 + delta * mask`` expanded to features, or ``None`` when the mask is empty."""
+        mask = self.sadi_mask[adapter_name]
+        if not bool(mask.any()):
+            return None
+        unit_gain = 1.0 + self.sadi_delta[adapter_name] * mask.to(torch.float32)
+        gain = unit_gain.repeat_interleave(self.sadi_unit_size[adapter_name])
+        return gain.to(device=device, dtype=dtype)
+
+    def _held_active_adapters(self) -> list[str]:
+        # transformers' set_adapter passes every adapter name to every tuner layer: ignore the ones not held here.
+        return [name for name in self.active_adapters if name in self.sadi_mask]
+
+    # ------------------------------------------------------------------ merge
+    def _weight_views(self):
+        """(weight, bias, transposed) where transposed is True for Conv1D (weight stored as [in, out])."""
+        base = self.get_base_layer()
+        return base.weight, getattr(base, "bias", None), isinstance(base, Conv1D)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold the gains of ``positions="all"`` adapters into the weights (exact; the touched slices are backed up)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [name for name in adapter_names if name in self.sadi_mask]
+        if not adapter_names:
+            return
+        for name in adapter_names:
+            if self.sadi_positions[name] != "all":
+                raise ValueError(
+                    f"SADI adapter {name!r} has positions='last': its gain applies only at the last prompt token "
+                    "during the prefill, which no weight matrix can express, so it cannot be merged. Re-create it "
+                    "with positions='all' (a fixed gain on every token) to merge or export it."
+                )
+        if isinstance(self.base_layer, BaseTunerLayer) and not self.base_layer.merged and any(
+            True for _ in self.base_layer.active_adapters
+        ) and not self.base_layer.disable_adapters:
+            raise ValueError(
+                "This SADI layer wraps another adapter layer with unmerged active adapters; merging SADI alone "
+                "would apply the gain to the frozen weight but not to the inner adapter. Use merge_and_unload(), "
+                "which merges the inner adapter first, or merge the inner adapter before SADI."
+            )
+        weight, bias, transposed = self._weight_views()
+        for name in adapter_names:
+            gain = self.feature_gain(name, torch.float32, weight.device)
+            if gain is None:
+                self.merged_adapters.append(name)
+                continue
+            idx = torch.nonzero(gain != 1.0).squeeze(1)
+            g = gain[idx]
+            with torch.no_grad():
+                on_columns = (self.sadi_side[name] == "input") != transposed
+                w_slice = weight[:, idx] if on_columns else weight[idx, :]
+                b_slice = None
+                if self.sadi_side[name] == "output" and bias is not None:
+                    b_slice = bias[idx].clone()
+                self._merge_backups[name] = (idx, w_slice.clone(), b_slice)
+                scale = g.unsqueeze(0) if on_columns else g.unsqueeze(1)
+                new_slice = (w_slice.to(torch.float32) * scale).to(weight.dtype)
+                if safe_merge and not torch.isfinite(new_slice).all():
+                    raise ValueError(f"Merging SADI adapter {name!r} produced non-finite weights; not merged.")
+                if on_columns:
+                    weight[:, idx] = new_slice
+                else:
+                    weight[idx, :] = new_slice
+                if b_slice is not None:
+                    bias[idx] = (b_slice.to(torch.float32) * g).to(bias.dtype)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Restore the original weight slices (exact, also in bf16/fp16 and for any gain)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        weight, bias, transposed = self._weight_views()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            backup = self._merge_backups.pop(name, None)
+            if backup is None:
+                continue
+            idx, w_slice, b_slice = backup
+            on_columns = (self.sadi_side[name] == "input") != transposed
+            with torch.no_grad():
+                if on_columns:
+                    weight[:, idx] = w_slice
+                else:
+                    weight[idx, :] = w_slice
+                if b_slice is not None:
+                    bias[idx] = b_slice
+
+    # ------------------------------------------------------------------ forward
+    def _positions(self, batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = self._sadi_context
+        if ctx is None or not ctx.in_forward:
+            raise RuntimeError(
+                "A positions='last' SADI adapter needs to know where the prompt ends, which it learns from the "
+                "model's top-level forward (input_ids / attention_mask). Call the model itself rather than one "
+                "of its sub-modules, or use positions='all'."
+            )
+        rows, cols = ctx.rows, ctx.cols
+        if rows is None:
+            empty = torch.empty(0, dtype=torch.long)
+            return empty, empty
+        return rows, cols
+
+    @staticmethod
+    def _scale_rows(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        if rows.numel() == 0:
+            return t
+        rows, cols = rows.to(t.device), cols.to(t.device)
+        t = t.clone()
+        t[rows, cols] = t[rows, cols] * gain
+        return t
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+
+        gains: dict[tuple[str, str], torch.Tensor] = {}
+        for name in self._held_active_adapters():
+            gain = self.feature_gain(name, x.dtype, x.device)
+            if gain is None:
+                continue
+            key = (self.sadi_side[name], self.sadi_positions[name])
+            gains[key] = gain if key not in gains else gains[key] * gain
+        if not gains:
+            return self.base_layer(x, *args, **kwargs)
+
+        rows = cols = None
+        if ("input", "last") in gains or ("output", "last") in gains:
+            if x.dim() != 3:
+                raise RuntimeError(f"positions='last' expects [batch, seq, features] activations, got {tuple(x.shape)}")
+            rows, cols = self._positions(x.shape[0], x.shape[1])
+            if rows.numel() and int(rows.max()) >= x.shape[0]:
+                raise RuntimeError(
+                    f"SADI prompt positions were computed for a smaller batch than the one seen here ({x.shape[0]})."
+                )
+
+        if ("input", "all") in gains:
+            x = x * gains[("input", "all")]
+        if ("input", "last") in gains:
+            x = self._scale_rows(x, rows, cols, gains[("input", "last")])
+        result = self.base_layer(x, *args, **kwargs)
+        if ("output", "all") in gains:
+            result = result * gains[("output", "all")]
+        if ("output", "last") in gains:
+            result = self._scale_rows(result, rows, cols, gains[("output", "last")])
+        return result
+
+
+class Linear(nn.Module, SADILayer):
+    """SADI wrapper for ``nn.Linear`` and transformers ``Conv1D``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__()
+        SADILayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: D102
+        return SADILayer.forward(self, x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "sadi." + super().__repr__()
