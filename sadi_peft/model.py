@@ -210,8 +210,21 @@ class SADIModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: SADIConfig, model: nn.Module) -> None:
-        if peft_config.variant == "head" and peft_config.num_heads is None:
-            peft_config.num_heads = num_attention_heads(model.config)
+        if peft_config.variant == "head":
+            try:
+                model_heads = num_attention_heads(model.config)
+            except ValueError:
+                if peft_config.num_heads is None:
+                    raise
+                model_heads = None
+            if peft_config.num_heads is None:
+                peft_config.num_heads = model_heads
+            elif model_heads is not None and peft_config.num_heads != model_heads and peft_config.unit_counts:
+                raise ValueError(
+                    f"This SADI adapter was made for a model with num_heads={peft_config.num_heads} attention heads, "
+                    f"but this model has {model_heads}. Load it on the base it was calibrated on "
+                    f"({peft_config.base_model_name_or_path!r})."
+                )
         if getattr(model.config, "model_type", None) == "bloom" and getattr(model.config, "pretraining_tp", 1) > 1:
             if getattr(model.config, "slow_but_exact", False):
                 raise ValueError(

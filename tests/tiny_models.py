@@ -1,0 +1,58 @@
+"""Tiny randomly initialised models and a character tokenizer for unit tests (no download)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+
+class CharTokenizer:
+    """Deterministic character-level tokenizer with the bits of the HF tokenizer API the library uses."""
+
+    bos_token_id = 1
+    eos_token_id = 2
+
+    def __init__(self, vocab_size: int = 64, pad_token_id: int | None = 0) -> None:
+        self.vocab_size = vocab_size
+        self.pad_token_id = pad_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return [self.bos_token_id] + [3 + (ord(c) % (self.vocab_size - 3)) for c in text]
+
+    def __call__(self, text: str, **kwargs):
+        return {"input_ids": self.encode(text)}
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    params = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    params.update(overrides)
+    return LlamaConfig(**params)
+
+
+def tiny_llama(seed: int = 0, attn_implementation: str = "sdpa", **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(**overrides), attn_implementation=attn_implementation)
+    return model.eval()
+
+
+PAIRS = [
+    ("Review: a wonderful, moving film. Sentiment:", "Positive", "Negative"),
+    ("Review: dull and far too long. Sentiment:", "Negative", "Positive"),
+    ("Review: the cast is superb. Sentiment:", "Positive", "Negative"),
+    ("Review: I want my money back. Sentiment:", "Negative", "Positive"),
+    ("Review: a joy from start to end. Sentiment:", "Positive", "Negative"),
+    ("Review: clumsy writing, flat acting. Sentiment:", "Negative", "Positive"),
+    ("Review: smart and funny. Sentiment:", "Positive", "Negative"),
+    ("Review: a waste of a good premise. Sentiment:", "Negative", "Positive"),
+]
