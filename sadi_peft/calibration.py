@@ -97,6 +97,8 @@ class _Recorder:
         self.half: int = 0
 
     def record(self, name: str, activation: torch.Tensor) -> None:
+        if activation.dim() == 2:  # [batch * seq, features] (OPT's MLP): restore the batch axis
+            activation = activation.reshape(self.last_index.shape[0], -1, activation.shape[-1])
         rows = torch.arange(activation.shape[0], device=activation.device)
         last = activation[rows, self.last_index.to(activation.device)].to(torch.float64)  # [2B, F]
         units = self.unit_counts[name]

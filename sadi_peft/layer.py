@@ -41,6 +41,8 @@ class ForwardContext:
     """
 
     in_forward: bool = False
+    batch: int = 0
+    seq_len: int = 0
     rows: Optional[torch.Tensor] = None
     cols: Optional[torch.Tensor] = None
     pinned: Optional[torch.Tensor] = None
@@ -50,6 +52,7 @@ class ForwardContext:
 
     def clear_step(self) -> None:
         self.in_forward = False
+        self.batch = self.seq_len = 0
         self.rows = None
         self.cols = None
 
@@ -83,6 +86,7 @@ class SADILayer(BaseTunerLayer):
         "sadi_side",
         "sadi_unit_size",
         "sadi_positions",
+        "_gain_cache",
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -98,6 +102,7 @@ class SADILayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._merge_backups: dict[str, tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = {}
         self._sadi_context: Optional[ForwardContext] = None
+        self._gain_cache: dict[str, tuple[torch.Tensor, tuple, Optional[torch.Tensor]]] = {}
 
         base = self.get_base_layer()
         if isinstance(base, nn.Linear):
@@ -131,17 +136,37 @@ class SADILayer(BaseTunerLayer):
         self.sadi_positions[adapter_name] = positions
         self.set_adapter(self.active_adapters)
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        # Move only: PEFT's default also casts float buffers to the base dtype, which would round the stored
+        # calibration scores to bf16/fp16. The mask is bool and the gain is built in the input's dtype anyway.
+        target = device if device is not None else self.get_base_layer().weight.device
+        if target is None or torch.device(target).type == "meta":
+            return
+        for container in (self.sadi_mask, self.sadi_scores):
+            if adapter_name in container:
+                container[adapter_name] = container[adapter_name].to(target)
+
     def num_units(self, adapter_name: str) -> int:
         return int(self.sadi_mask[adapter_name].numel())
 
     def feature_gain(self, adapter_name: str, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
-        """``1 + delta * mask`` expanded to features, or ``None`` when the mask is empty."""
+        """``1 + delta * mask`` expanded to features, or ``None`` when the mask is empty.
+
+        Cached per adapter until the mask tensor is replaced or modified in place (its ``_version`` changes) or
+        delta changes, so a forward pass does not rebuild (or synchronise on) the gain vector.
+        """
         mask = self.sadi_mask[adapter_name]
-        if not bool(mask.any()):
-            return None
-        unit_gain = 1.0 + self.sadi_delta[adapter_name] * mask.to(torch.float32)
-        gain = unit_gain.repeat_interleave(self.sadi_unit_size[adapter_name])
-        return gain.to(device=device, dtype=dtype)
+        key = (mask._version, self.sadi_delta[adapter_name], self.sadi_unit_size[adapter_name], dtype, device)
+        cached = self._gain_cache.get(adapter_name)
+        # the cache holds the mask tensor itself, so a replaced mask can never be mistaken for the cached one
+        if cached is not None and cached[0] is mask and cached[1] == key:
+            return cached[2]
+        gain = None
+        if bool(mask.any()):
+            unit_gain = 1.0 + self.sadi_delta[adapter_name] * mask.to(torch.float32)
+            gain = unit_gain.repeat_interleave(self.sadi_unit_size[adapter_name]).to(device=device, dtype=dtype)
+        self._gain_cache[adapter_name] = (mask, key, gain)
+        return gain
 
     def _held_active_adapters(self) -> list[str]:
         # transformers' set_adapter passes every adapter name to every tuner layer: ignore the ones not held here.
@@ -223,7 +248,7 @@ class SADILayer(BaseTunerLayer):
                     bias[idx] = b_slice
 
     # ------------------------------------------------------------------ forward
-    def _positions(self, batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         ctx = self._sadi_context
         if ctx is None or not ctx.in_forward:
             raise RuntimeError(
@@ -238,12 +263,15 @@ class SADILayer(BaseTunerLayer):
         return rows, cols
 
     @staticmethod
-    def _scale_rows(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    def _scale_rows(
+        t: torch.Tensor, rows: torch.Tensor, cols: Optional[torch.Tensor], gain: torch.Tensor
+    ) -> torch.Tensor:
+        """Multiply ``t[rows, cols]`` (3-D) or ``t[rows]`` (2-D, flattened tokens) by ``gain``, out of place."""
         if rows.numel() == 0:
             return t
-        rows, cols = rows.to(t.device), cols.to(t.device)
+        index = (rows.to(t.device),) if cols is None else (rows.to(t.device), cols.to(t.device))
         t = t.clone()
-        t[rows, cols] = t[rows, cols] * gain
+        t[index] = t[index] * gain
         return t
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -266,13 +294,17 @@ class SADILayer(BaseTunerLayer):
 
         rows = cols = None
         if ("input", "last") in gains or ("output", "last") in gains:
-            if x.dim() != 3:
+            rows, cols = self._positions()
+            if x.dim() == 2:
+                # some models (OPT) run their MLP on [batch * seq, features]: address rows as batch * seq + pos
+                seq_len = self._sadi_context.seq_len
+                if seq_len == 0 or x.shape[0] != self._sadi_context.batch * seq_len:
+                    raise RuntimeError(
+                        f"positions='last' cannot locate the prompt token in activations of shape {tuple(x.shape)}."
+                    )
+                rows, cols = rows * seq_len + cols, None
+            elif x.dim() != 3:
                 raise RuntimeError(f"positions='last' expects [batch, seq, features] activations, got {tuple(x.shape)}")
-            rows, cols = self._positions(x.shape[0], x.shape[1])
-            if rows.numel() and int(rows.max()) >= x.shape[0]:
-                raise RuntimeError(
-                    f"SADI prompt positions were computed for a smaller batch than the one seen here ({x.shape[0]})."
-                )
 
         if ("input", "all") in gains:
             x = x * gains[("input", "all")]

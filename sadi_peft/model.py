@@ -66,6 +66,7 @@ def _make_hooks(ctx: ForwardContext, model: nn.Module):
         if ref is None or ref.dim() < 2:
             return None
         batch, seq_len = ref.shape[0], ref.shape[1]
+        ctx.batch, ctx.seq_len = batch, seq_len
         past = _past_length(kwargs)
         if ctx.pinned is not None:
             absolute = _expand_rows(ctx.pinned.to(ref.device), batch)
