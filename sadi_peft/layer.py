@@ -47,7 +47,6 @@ class ForwardContext:
     cols: Optional[torch.Tensor] = None
     pinned: Optional[torch.Tensor] = None
     warned_empty: set = field(default_factory=set)
-    hook_handles: list = field(default_factory=list)
     layers: "weakref.WeakSet[SADILayer]" = field(default_factory=weakref.WeakSet)
 
     def clear_step(self) -> None:

@@ -55,37 +55,42 @@ def _expand_rows(positions: torch.Tensor, batch: int) -> torch.Tensor:
     )
 
 
-def _make_hooks(ctx: ForwardContext, model: nn.Module):
-    def pre_forward(module, args, kwargs):
-        ctx.clear_step()
-        ctx.in_forward = True
-        _warn_uncalibrated(ctx, model)
-        ref = _tensor_arg(args, kwargs, "input_ids", 0)
-        if ref is None:
-            ref = kwargs.get("inputs_embeds")
-        if ref is None or ref.dim() < 2:
-            return None
-        batch, seq_len = ref.shape[0], ref.shape[1]
-        ctx.batch, ctx.seq_len = batch, seq_len
-        past = _past_length(kwargs)
-        if ctx.pinned is not None:
-            absolute = _expand_rows(ctx.pinned.to(ref.device), batch)
-        elif past == 0:
-            attention_mask = _tensor_arg(args, kwargs, "attention_mask", 1)
-            absolute = prompt_end_positions(attention_mask, batch, seq_len, ref.device)
-        else:
-            return None  # a decode step: the prompt's last token is already in the KV cache
-        local = absolute - past
-        valid = (absolute >= 0) & (local >= 0) & (local < seq_len)
-        rows = torch.nonzero(valid).squeeze(1)
-        ctx.rows, ctx.cols = rows, local[rows]
+# The two hooks read the context from the module they run on instead of capturing it in a closure:
+# ``copy.deepcopy(model)`` copies hook functions by reference, but gives the copy (and its SADI layers) a new context.
+def _pre_forward(module, args, kwargs):
+    ctx = module.__dict__.get("_sadi_context")
+    if ctx is None:
         return None
-
-    def post_forward(module, args, kwargs, output):
-        ctx.clear_step()
+    ctx.clear_step()
+    ctx.in_forward = True
+    _warn_uncalibrated(ctx, module)
+    ref = _tensor_arg(args, kwargs, "input_ids", 0)
+    if ref is None:
+        ref = kwargs.get("inputs_embeds")
+    if ref is None or ref.dim() < 2:
         return None
+    batch, seq_len = ref.shape[0], ref.shape[1]
+    ctx.batch, ctx.seq_len = batch, seq_len
+    past = _past_length(kwargs)
+    if ctx.pinned is not None:
+        absolute = _expand_rows(ctx.pinned.to(ref.device), batch)
+    elif past == 0:
+        attention_mask = _tensor_arg(args, kwargs, "attention_mask", 1)
+        absolute = prompt_end_positions(attention_mask, batch, seq_len, ref.device)
+    else:
+        return None  # a decode step: the prompt's last token is already in the KV cache
+    local = absolute - past
+    valid = (absolute >= 0) & (local >= 0) & (local < seq_len)
+    rows = torch.nonzero(valid).squeeze(1)
+    ctx.rows, ctx.cols = rows, local[rows]
+    return None
 
-    return pre_forward, post_forward
+
+def _post_forward(module, args, kwargs, output):
+    ctx = module.__dict__.get("_sadi_context")
+    if ctx is not None:
+        ctx.clear_step()
+    return None
 
 
 def _warn_uncalibrated(ctx: ForwardContext, model: nn.Module) -> None:
@@ -111,11 +116,8 @@ def get_context(model: nn.Module) -> ForwardContext:
     ctx = model.__dict__.get("_sadi_context")
     if ctx is None:
         ctx = ForwardContext()
-        pre, post = _make_hooks(ctx, model)
-        ctx.hook_handles = [
-            model.register_forward_pre_hook(pre, with_kwargs=True),
-            model.register_forward_hook(post, with_kwargs=True, always_call=True),
-        ]
+        model.register_forward_pre_hook(_pre_forward, with_kwargs=True)
+        model.register_forward_hook(_post_forward, with_kwargs=True, always_call=True)
         model.__dict__["_sadi_context"] = ctx
     return ctx
 
@@ -126,8 +128,13 @@ def _release_context_if_unused(model: nn.Module) -> None:
         return
     if any(isinstance(m, SADILayer) for m in model.modules()):
         return
-    for handle in ctx.hook_handles:
-        handle.remove()
+    # Remove our hooks by identity rather than through handles: handles survive copy.deepcopy(model) pointing at
+    # the original model's hook dicts.
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [key for key, fn in hooks.items() if fn is _pre_forward or fn is _post_forward]:
+            del hooks[key]
+            for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+                getattr(model, extra).pop(key, None)
     del model.__dict__["_sadi_context"]
 
 
@@ -211,9 +218,15 @@ class SADIModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: SADIConfig, model: nn.Module) -> None:
+        model_config = getattr(model, "config", None)  # PEFT also wraps plain nn.Modules, which have no config
         if peft_config.variant == "head":
             try:
-                model_heads = num_attention_heads(model.config)
+                if model_config is None:
+                    raise ValueError(
+                        f"{type(model).__name__} has no transformers config to read the number of attention heads "
+                        "from; pass SADIConfig(num_heads=<attention heads>) with the target_modules."
+                    )
+                model_heads = num_attention_heads(model_config)
             except ValueError:
                 if peft_config.num_heads is None:
                     raise
@@ -226,8 +239,8 @@ class SADIModel(BaseTuner):
                     f"but this model has {model_heads}. Load it on the base it was calibrated on "
                     f"({peft_config.base_model_name_or_path!r})."
                 )
-        if getattr(model.config, "model_type", None) == "bloom" and getattr(model.config, "pretraining_tp", 1) > 1:
-            if getattr(model.config, "slow_but_exact", False):
+        if getattr(model_config, "model_type", None) == "bloom" and getattr(model_config, "pretraining_tp", 1) > 1:
+            if getattr(model_config, "slow_but_exact", False):
                 raise ValueError(
                     "BLOOM with pretraining_tp > 1 and slow_but_exact=True applies weight slices directly and "
                     "bypasses a wrapped Linear; load the model with slow_but_exact=False to use SADI."
