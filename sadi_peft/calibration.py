@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .architectures import ARCHITECTURES
 from .config import SADIConfig
-from .model import resolve_adapter, sadi_layers, transformer_model
+from .model import get_context, resolve_adapter, sadi_layers, transformer_model
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +229,9 @@ def calibrate(
     if hasattr(pairs, "__len__"):
         total = math.ceil(len(pairs) / batch_size)  # type: ignore[arg-type]
     num_pairs = 0
+    ctx = get_context(inner)
+    already_warned = name in ctx.warned_empty
+    ctx.warned_empty.add(name)  # the mask is blanked on purpose below: no "empty mask" warning meanwhile
     try:
         for _, layer in layers:  # the adapter's own gain must not colour its statistics
             layer.sadi_mask[name].zero_()
@@ -290,6 +293,8 @@ def calibrate(
         for handle in handles:
             handle.remove()
         inner.train(was_training)
+        if not already_warned:
+            ctx.warned_empty.discard(name)
 
     config.calibration = {
         "num_pairs": num_pairs,

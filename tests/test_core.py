@@ -514,3 +514,13 @@ def test_merge_is_refused_for_last_positions():
         model.merge_and_unload()
     with pytest.raises(ValueError, match="positions='last'.*cannot be merged"):
         model.merge_adapter()
+
+
+def test_calibration_itself_raises_no_empty_mask_warning():
+    import warnings
+
+    model = get_peft_model(tiny_llama(), SADIConfig(top_k=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sadi_peft.calibrate(model, TOK, PAIRS, show_progress=False)
+        logits(model)
