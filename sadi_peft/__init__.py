@@ -11,6 +11,7 @@ from .config import SADIConfig, SADIPeftType
 from .layer import SADILayer
 from .model import SADIModel, prompt_boundary, register
 from .saving import save_pretrained
+from .stacking import add_sadi_adapter, load_sadi_adapter, load_stack, merge_and_unload
 
 register()
 
@@ -19,6 +20,10 @@ __version__ = "0.1.0"
 __all__ = [
     "ARCHITECTURES",
     "ArchitectureSpec",
+    "add_sadi_adapter",
+    "load_sadi_adapter",
+    "load_stack",
+    "merge_and_unload",
     "CalibrationResult",
     "SADIConfig",
     "SADILayer",

@@ -177,12 +177,7 @@ class SADILayer(BaseTunerLayer):
         base = self.get_base_layer()
         return base.weight, getattr(base, "bias", None), isinstance(base, Conv1D)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Fold the gains of ``positions="all"`` adapters into the weights (exact; the touched slices are backed up)."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        adapter_names = [name for name in adapter_names if name in self.sadi_mask]
-        if not adapter_names:
-            return
+    def _check_mergeable(self, adapter_names: list[str]) -> None:
         for name in adapter_names:
             if self.sadi_positions[name] != "all":
                 raise ValueError(
@@ -190,6 +185,14 @@ class SADILayer(BaseTunerLayer):
                     "during the prefill, which no weight matrix can express, so it cannot be merged. Re-create it "
                     "with positions='all' (a fixed gain on every token) to merge or export it."
                 )
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold the gains of ``positions="all"`` adapters into the weights (exact; the touched slices are backed up)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [name for name in adapter_names if name in self.sadi_mask]
+        if not adapter_names:
+            return
+        self._check_mergeable(adapter_names)
         if isinstance(self.base_layer, BaseTunerLayer) and not self.base_layer.merged and any(
             True for _ in self.base_layer.active_adapters
         ) and not self.base_layer.disable_adapters:
@@ -245,6 +248,30 @@ class SADILayer(BaseTunerLayer):
                     weight[idx, :] = w_slice
                 if b_slice is not None:
                     bias[idx] = b_slice
+
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool = False, adapter_names: Optional[list[str]] = None
+    ) -> nn.Module:
+        """Used by PEFT's ``merge_and_unload``: merge nested adapter layers innermost first, then this one.
+
+        Without it PEFT merges only the outermost layer and keeps the innermost Linear, silently dropping a LoRA
+        that SADI wraps. Merging inside out is exact: SADI over LoRA gives ``(W + BA) diag(g)``.
+        """
+        if merge:
+            held = [name for name in (adapter_names or self.active_adapters) if name in self.sadi_mask]
+            self._check_mergeable(held)  # before the inner layer is touched
+            inner = self.base_layer
+            if isinstance(inner, BaseTunerLayer):
+                if hasattr(inner, "unload_and_optionally_merge_module"):
+                    plain = inner.unload_and_optionally_merge_module(
+                        merge=True, safe_merge=safe_merge, adapter_names=adapter_names
+                    )
+                else:
+                    inner.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                    plain = inner.get_base_layer()
+                self.base_layer = plain
+            self.merge(safe_merge=safe_merge, adapter_names=held)
+        return self.get_base_layer()
 
     # ------------------------------------------------------------------ forward
     def _positions(self) -> tuple[torch.Tensor, torch.Tensor]:
