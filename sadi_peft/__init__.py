@@ -8,6 +8,7 @@ handle SADI adapters like any other.
 from .architectures import ARCHITECTURES, ArchitectureSpec, supported_model_types
 from .calibration import CalibrationResult, apply_top_k, calibrate
 from .config import SADIConfig, SADIPeftType
+from .export import export_ia3, export_lora, export_merged
 from .layer import SADILayer
 from .model import SADIModel, prompt_boundary, register
 from .saving import save_pretrained
@@ -30,6 +31,9 @@ __all__ = [
     "SADIModel",
     "SADIPeftType",
     "apply_top_k",
+    "export_ia3",
+    "export_lora",
+    "export_merged",
     "calibrate",
     "prompt_boundary",
     "register",

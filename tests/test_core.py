@@ -524,3 +524,24 @@ def test_calibration_itself_raises_no_empty_mask_warning():
         warnings.simplefilter("error")
         sadi_peft.calibrate(model, TOK, PAIRS, show_progress=False)
         logits(model)
+
+
+def test_native_load_adapter_several_and_switch(tmp_path, saved_base):
+    expected = {}
+    for name, top_k in (("a", 1), ("b", 3)):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(saved_base).eval(), SADIConfig(top_k=top_k, delta=20.0))
+        sadi_peft.calibrate(model, TOK, PAIRS, show_progress=False)
+        model.save_pretrained(tmp_path / name)
+        expected[name] = logits(model)
+    native = AutoModelForCausalLM.from_pretrained(saved_base).eval()
+    native.load_adapter(str(tmp_path / "a"), adapter_name="a")
+    native.load_adapter(str(tmp_path / "b"), adapter_name="b")  # must not disturb "a"
+    for name in ("a", "b", "a"):
+        native.set_adapter(name)
+        assert torch.equal(logits(native), expected[name])
+    native.disable_adapters()
+    assert torch.equal(logits(native), logits(AutoModelForCausalLM.from_pretrained(saved_base).eval()))
+    native.enable_adapters()
+    native.delete_adapter("b")
+    native.set_adapter("a")
+    assert torch.equal(logits(native), expected["a"])
