@@ -545,3 +545,21 @@ def test_native_load_adapter_several_and_switch(tmp_path, saved_base):
     native.delete_adapter("b")
     native.set_adapter("a")
     assert torch.equal(logits(native), expected["a"])
+
+
+def test_calibration_streams_pairs_batch_by_batch():
+    """Pairs are read lazily, one batch at a time: only running sums are kept, never all activations."""
+    model = get_peft_model(tiny_llama(), SADIConfig(top_k=1))
+    consumed = []
+    seen_at_forward = []
+
+    def pairs():
+        for i in range(40):
+            consumed.append(i)
+            yield PAIRS[i % len(PAIRS)]
+
+    hook = model.get_base_model().register_forward_pre_hook(lambda *a: seen_at_forward.append(len(consumed)))
+    result = sadi_peft.calibrate(model, TOK, pairs(), batch_size=4, show_progress=False)
+    hook.remove()
+    assert result.num_pairs == 40
+    assert seen_at_forward == list(range(4, 41, 4))
