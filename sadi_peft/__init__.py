@@ -9,7 +9,7 @@ from .architectures import ARCHITECTURES, ArchitectureSpec, supported_model_type
 from .calibration import CalibrationResult, apply_top_k, calibrate
 from .config import SADIConfig, SADIPeftType
 from .export import export_ia3, export_lora, export_merged
-from .layer import SADILayer
+from .layer import SADILayer, SADIOverflowError
 from .model import SADIModel, prompt_boundary, register
 from .saving import save_pretrained
 from .stacking import add_sadi_adapter, load_sadi_adapter, load_stack, merge_and_unload
@@ -28,6 +28,7 @@ __all__ = [
     "CalibrationResult",
     "SADIConfig",
     "SADILayer",
+    "SADIOverflowError",
     "SADIModel",
     "SADIPeftType",
     "apply_top_k",

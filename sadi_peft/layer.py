@@ -73,6 +73,10 @@ def prompt_end_positions(attention_mask: Optional[torch.Tensor], batch_size: int
     return _last_attended(attention_mask).to(device=device, dtype=torch.long)
 
 
+class SADIOverflowError(FloatingPointError):
+    """Raised when a gain drives half-precision activations to inf/nan (reported, never passed on silently)."""
+
+
 class SADILayer(BaseTunerLayer):
     """Per-module SADI state: for each adapter a bool unit mask and the calibration scores it came from."""
 
@@ -102,6 +106,7 @@ class SADILayer(BaseTunerLayer):
         self._merge_backups: dict[str, tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = {}
         self._sadi_context: Optional[ForwardContext] = None
         self._gain_cache: dict[str, tuple[torch.Tensor, tuple, Optional[torch.Tensor]]] = {}
+        self._sadi_module_name: Optional[str] = None
 
         base = self.get_base_layer()
         if isinstance(base, nn.Linear):
@@ -341,6 +346,12 @@ class SADILayer(BaseTunerLayer):
             result = result * gains[("output", "all")]
         if ("output", "last") in gains:
             result = self._scale_rows(result, rows, cols, gains[("output", "last")])
+        if result.dtype in (torch.float16, torch.bfloat16) and not bool(torch.isfinite(result).all()):
+            raise SADIOverflowError(
+                f"SADI steering produced inf/nan in {result.dtype} at {self._sadi_module_name or 'a wrapped module'} "
+                f"(active SADI gains up to {max(float(g.max()) for g in gains.values()):g}). Lower delta, or run "
+                "the model in float32 (or bfloat16 instead of float16, whose range is 65504)."
+            )
         return result
 
 

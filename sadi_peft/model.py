@@ -298,6 +298,7 @@ class SADIModel(BaseTuner):
             self._replace_module(parent, target_name, layer, target)
         ctx = get_context(self.model)
         layer._sadi_context = ctx
+        layer._sadi_module_name = current_key
         ctx.layers.add(layer)
 
     def _check_merge_allowed(self) -> None:

@@ -563,3 +563,15 @@ def test_calibration_streams_pairs_batch_by_batch():
     hook.remove()
     assert result.num_pairs == 40
     assert seen_at_forward == list(range(4, 41, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_overflow_is_reported(dtype):
+    model = steered(variant="hidden", positions="all", top_k=3, delta=5.0)
+    model.to(dtype)
+    logits(model)  # a moderate gain runs
+    sadi_peft.apply_top_k(model, 3)
+    for _, layer in sadi_peft.model.sadi_layers(model, "default"):
+        layer.sadi_delta["default"] = 1e6 if dtype == torch.float16 else float(torch.finfo(torch.float32).max)
+    with pytest.raises(sadi_peft.SADIOverflowError, match=r"inf/nan in torch\.(float16|bfloat16) at model\.layers\.\d\.mlp"):
+        logits(model)
