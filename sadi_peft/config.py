@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
@@ -25,6 +25,8 @@ class SADIPeftType(str, enum.Enum):
 POSITIONS = ("last", "all")
 RANKINGS = ("signed", "absolute")
 NEURON_STATISTICS = ("activation", "input")
+#: keys every saved SADI adapter_config.json carries (what decides which units are steered and how)
+SAVED_KEYS = frozenset({"variant", "top_k", "delta", "positions", "target_modules", "unit_counts"})
 
 
 def _fail(name: str, value: Any, expected: str) -> None:
@@ -159,6 +161,29 @@ class SADIConfig(PeftConfig):
             _fail("target_modules", self.target_modules, "None or at least one module name")
         if self.modules_to_save:
             _fail("modules_to_save", self.modules_to_save, "None: SADI trains no module")
+
+    @classmethod
+    def from_peft_type(cls, **kwargs: Any) -> "SADIConfig":
+        """Build from a saved ``adapter_config.json`` (PEFT's loading path), refusing unknown and missing keys.
+
+        PEFT drops unknown keys with a warning and fills missing ones with defaults; for SADI either could change
+        what the adapter does (a newer field, or ``variant`` silently becoming ``"head"``), so both are errors.
+        """
+        if cls is SADIConfig and kwargs.get("peft_type", "SADI") in ("SADI", SADIPeftType.SADI):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(kwargs) - known)
+            if unknown:
+                raise ValueError(
+                    f"adapter_config.json has keys SADIConfig does not know: {unknown}. It was probably written by a "
+                    "newer sadi-peft; upgrade sadi-peft (pip install -U sadi-peft) to load it."
+                )
+            missing = sorted(SAVED_KEYS - set(kwargs))
+            if missing:
+                raise ValueError(
+                    f"adapter_config.json lacks the SADI key(s) {missing}; the file is incomplete or was edited by "
+                    "hand. Re-save the adapter with sadi_peft.save_pretrained."
+                )
+        return super().from_peft_type(**kwargs)
 
     @property
     def gain(self) -> float:

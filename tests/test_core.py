@@ -575,3 +575,30 @@ def test_half_precision_overflow_is_reported(dtype):
         layer.sadi_delta["default"] = 1e6 if dtype == torch.float16 else float(torch.finfo(torch.float32).max)
     with pytest.raises(sadi_peft.SADIOverflowError, match=r"inf/nan in torch\.(float16|bfloat16) at model\.layers\.\d\.mlp"):
         logits(model)
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda c: c.update(brand_new_option=1), r"keys SADIConfig does not know: \['brand_new_option'\].*upgrade"),
+    (lambda c: c.pop("variant"), r"lacks the SADI key\(s\) \['variant'\]"),
+    (lambda c: c.pop("unit_counts"), r"lacks the SADI key\(s\) \['unit_counts'\]"),
+])
+def test_adapter_config_with_unknown_or_missing_keys_is_refused(tmp_path, edit, pattern):
+    steered().save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=pattern):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_wrong_peft_type_in_a_sadi_folder_is_not_loaded_as_sadi(tmp_path):
+    """Documented behaviour: PEFT itself builds the named type; it warns about the SADI keys it does not know."""
+    steered().save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["peft_type"] = "LORA"
+    path.write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"Unexpected keyword arguments \['calibration', 'delta'"):
+        model = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert not any(isinstance(m, sadi_peft.SADILayer) for m in model.modules())
