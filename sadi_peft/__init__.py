@@ -10,7 +10,7 @@ from .calibration import CalibrationResult, apply_top_k, calibrate
 from .config import SADIConfig, SADIPeftType
 from .export import export_ia3, export_lora, export_merged
 from .layer import SADILayer, SADIOverflowError
-from .model import SADIModel, prompt_boundary, register
+from .model import SADIModel, prompt_boundary, register, set_delta
 from .saving import save_pretrained
 from .stacking import add_sadi_adapter, load_sadi_adapter, load_stack, merge_and_unload
 
@@ -39,5 +39,6 @@ __all__ = [
     "prompt_boundary",
     "register",
     "save_pretrained",
+    "set_delta",
     "supported_model_types",
 ]

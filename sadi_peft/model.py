@@ -148,11 +148,17 @@ def transformer_model(model: nn.Module) -> nn.Module:
 
 @contextmanager
 def prompt_boundary(model: nn.Module, attention_mask: Optional[torch.Tensor] = None, *, input_ids=None):
-    """Pin where the prompt ends for every forward inside the block.
+    """Pin where the prompt ends for every forward inside the block (``positions="last"`` adapters).
 
-    ``PeftModel.generate`` does this by itself. Call it around ``generate(..., use_cache=False)`` on a model that
-    got its SADI adapter through transformers' ``load_adapter`` so that each uncached step steers the prompt's
-    last token (with the KV cache, the default, nothing is needed).
+    ``attention_mask`` marks the prompt's tokens (1) per row, in the same padded layout as the sequences the model
+    will see; the steered token of each row is its last 1. Uses:
+
+    * scoring answers teacher-forced: feed prompt + answer in one sequence, pin with the prompt-only mask, and the
+      answer tokens see the steered prompt token, as during generation;
+    * a continuation from a KV cache of the prompt's prefix: the pinned absolute position is steered when it falls
+      in the chunk being run;
+    * ``generate(..., use_cache=False)`` on a model that got its adapter through transformers' ``load_adapter``
+      (``PeftModel.generate`` pins by itself; with the KV cache, the default, nothing is needed).
     """
     ctx = get_context(transformer_model(model))
     if attention_mask is not None:
@@ -168,6 +174,19 @@ def prompt_boundary(model: nn.Module, attention_mask: Optional[torch.Tensor] = N
         yield
     finally:
         ctx.pinned = previous
+
+
+def set_delta(model: nn.Module, delta: float, *, adapter_name: Optional[str] = None) -> None:
+    """Change the steering strength of a SADI adapter in place (gain = 1 + delta); the config follows."""
+    name, config = resolve_adapter(model, adapter_name)
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not delta > -1 or delta != delta:
+        raise ValueError(f"delta={delta!r} is invalid: expected a finite number > -1 (the gain is 1 + delta).")
+    layers = sadi_layers(model, name)
+    if any(name in layer.merged_adapters for _, layer in layers):
+        raise ValueError(f"SADI adapter {name!r} is merged into the weights; unmerge it before changing delta.")
+    for _, layer in layers:
+        layer.sadi_delta[name] = float(delta)
+    config.delta = float(delta)
 
 
 # ---------------------------------------------------------------------------------------------------- tuner
@@ -324,8 +343,9 @@ class SADIModel(BaseTuner):
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """Called by ``PeftModel.forward``/``generate``: pin the prompt end so uncached generation matches cached."""
-        if kwargs.get("past_key_values") is not None:
-            yield
+        ctx = get_context(self.model)
+        if kwargs.get("past_key_values") is not None or ctx.pinned is not None:
+            yield  # continuing from a cache, or an explicit prompt_boundary() around this call: keep what is set
             return
         input_ids = _tensor_arg(args, kwargs, "input_ids", 0)
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
@@ -333,7 +353,6 @@ class SADIModel(BaseTuner):
             yield
             return
         attention_mask = kwargs.get("attention_mask")
-        ctx = get_context(self.model)
         positions = prompt_end_positions(attention_mask, ref.shape[0], ref.shape[1], ref.device)
         previous, ctx.pinned = ctx.pinned, positions
         try:

@@ -602,3 +602,41 @@ def test_wrong_peft_type_in_a_sadi_folder_is_not_loaded_as_sadi(tmp_path):
     with pytest.warns(UserWarning, match=r"Unexpected keyword arguments \['calibration', 'delta'"):
         model = PeftModel.from_pretrained(tiny_llama(), tmp_path)
     assert not any(isinstance(m, sadi_peft.SADILayer) for m in model.modules())
+
+
+def test_prompt_boundary_pins_the_steered_token_for_teacher_forcing_and_cached_prefixes():
+    model = steered(positions="last", delta=20.0)
+    prompt = TOK.encode("Review: great. Sentiment:")
+    answer = TOK.encode(" Positive")[1:]
+    full = torch.tensor([prompt + answer])
+    prompt_mask = torch.tensor([[1] * len(prompt) + [0] * len(answer)])
+    n = len(prompt)
+    with sadi_peft.prompt_boundary(model, prompt_mask):
+        forced = logits(model, full)
+    with model.disable_adapter():
+        base = logits(model, full)
+    alone = logits(model, torch.tensor([prompt]))  # the prompt alone: steered at its last token
+    assert torch.equal(forced[0, : n - 1], base[0, : n - 1])
+    torch.testing.assert_close(forced[0, n - 1], alone[0, n - 1], atol=1e-5, rtol=0)
+    assert not torch.allclose(forced[0, n - 1], base[0, n - 1])
+
+    # the same scores from a KV cache of the prompt's prefix, continued with [last prompt token + answer]
+    with torch.no_grad(), model.disable_adapter():
+        cache = model(input_ids=torch.tensor([prompt[:-1]]), use_cache=True).past_key_values
+    suffix = torch.tensor([prompt[-1:] + answer])
+    with torch.no_grad(), sadi_peft.prompt_boundary(model, torch.ones(1, n, dtype=torch.long)):
+        out = model(input_ids=suffix, past_key_values=cache, attention_mask=torch.ones(1, full.shape[1], dtype=torch.long),
+                    position_ids=torch.arange(n - 1, full.shape[1]).unsqueeze(0)).logits
+    torch.testing.assert_close(out[0], forced[0, n - 1 :], atol=1e-5, rtol=0)
+
+
+def test_set_delta_changes_the_gain_and_validates():
+    model = steered(positions="all", variant="hidden", delta=2.0)
+    before = logits(model)
+    sadi_peft.set_delta(model, 8.0)
+    assert model.peft_config["default"].delta == 8.0
+    assert not torch.allclose(logits(model), before)
+    sadi_peft.set_delta(model, 2.0)
+    assert torch.equal(logits(model), before)
+    with pytest.raises(ValueError, match=r"delta=-1 is invalid"):
+        sadi_peft.set_delta(model, -1)
