@@ -9,23 +9,50 @@ Task data (SST-2, COPA, BoolQ, ...) is read from a *data directory* that holds o
 4. ``../shared/data`` relative to the repository root (the folder above the ``sadi_peft`` package),
 5. ``shared/data`` inside the current working directory or the repository root.
 
-Task loaders may fall back to the Hugging Face Hub (``datasets``) when no directory is found.
+Task loaders may fall back to the Hugging Face Hub (``datasets``) when no directory is found (:func:`load_from_hub`;
+only when neither ``data_dir`` nor ``$SADI_DATA_DIR`` was given, and only when ``datasets`` is installed and the
+Hub answers).
+
+Split roles. Every task exposes three parts with fixed roles (:data:`SPLIT_ROLES`):
+
+* ``pairs`` -- the source of contrastive calibration pairs (never scored);
+* ``validation`` -- where K and delta (and anything else) are selected;
+* ``test`` -- scored once, for the final report. Selection code calls :func:`require_selection_split`, which refuses
+  ``"test"`` (sadi-method.md section 8.2: the authors tuned on the test set).
+
+Datasets with a single labeled split are cut by :func:`seeded_split`: each example is ranked by the SHA-256 of
+``salt | seed | key(example)`` (no Python ``hash``, no RNG state, so the cut is the same on every machine, Python
+version and file order); the first ``floor(0.2 * N)`` form ``pairs``, the next ``floor(0.2 * N)`` ``validation``,
+the rest ``test``; each part keeps file order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import os
 import random
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 __all__ = [
     "DATA_DIR_ENV",
+    "PAIRS_FRACTION",
+    "SPLIT_ROLES",
+    "SPLIT_SALT",
+    "SPLIT_SEED",
+    "VALIDATION_FRACTION",
     "candidate_data_dirs",
+    "hub_allowed",
+    "load_from_hub",
+    "normalize_split",
+    "require_selection_split",
     "resolve_data_dir",
+    "seeded_split",
     "select_examples",
+    "split_sizes",
     "task_file",
 ]
 
@@ -134,7 +161,8 @@ def select_examples(
 ) -> list[T]:
     """Draw a seeded subset of ``n`` examples, balanced over labels when possible.
 
-    With ``balanced=True`` and mapping-like examples that carry ``label_key``, the labels are drawn round-robin
+    With ``balanced=True`` and examples that carry ``label_key`` (a mapping key, or an attribute such as
+    :attr:`sadi_peft.tasks.Example.label`), the labels are drawn round-robin
     (each label's examples shuffled with ``seed``), so every label gets ``n // n_labels`` or one more example; when
     a label runs out the others fill the remaining slots. Otherwise a plain seeded random sample is returned. The
     result is shuffled, deterministic for a given ``seed`` and does not modify ``examples``.
@@ -160,7 +188,7 @@ def select_examples(
         )
     rng = random.Random(seed)
 
-    labelled = balanced and all(isinstance(ex, Mapping) and label_key in ex for ex in pool)
+    labelled = balanced and all(_has_label(ex, label_key) for ex in pool)
     if not labelled:
         if balanced and pool:
             logger.debug("select_examples: examples have no %r key; drawing a plain random sample.", label_key)
@@ -189,8 +217,136 @@ def select_examples(
     return chosen
 
 
+def _has_label(example: Any, label_key: str) -> bool:
+    if isinstance(example, Mapping):
+        return label_key in example
+    return hasattr(example, label_key)
+
+
 def _label_of(example: Any, label_key: str) -> Hashable:
-    label = example[label_key]
+    label = example[label_key] if isinstance(example, Mapping) else getattr(example, label_key)
     if not isinstance(label, Hashable):
         raise ValueError(f"select_examples needs hashable labels; got {label!r} under key {label_key!r}.")
     return label
+
+
+# ------------------------------------------------------------------------------------------------ split roles
+
+#: The three parts every task exposes, in order: calibration-pair source, selection data, final test data.
+SPLIT_ROLES: tuple[str, str, str] = ("pairs", "validation", "test")
+#: Fractions of a single labeled split that go to ``pairs`` and ``validation`` (the rest is ``test``).
+PAIRS_FRACTION = 0.2
+VALIDATION_FRACTION = 0.2
+#: Salt and seed of :func:`seeded_split`; changing either changes every derived split (bump the ``v1``).
+SPLIT_SALT = "sadi-peft/split/v1"
+SPLIT_SEED = 0
+
+
+def normalize_split(split: str) -> str:
+    """Return the split role ``"pairs"``, ``"validation"`` or ``"test"`` (case and surrounding space ignored).
+
+    Raises:
+        ValueError: anything else (the message lists the roles).
+    """
+    key = split.strip().lower() if isinstance(split, str) else split
+    if key not in SPLIT_ROLES:
+        raise ValueError(
+            f"Unknown split {split!r}; expected one of {list(SPLIT_ROLES)} (pairs: calibration-pair source, "
+            "validation: hyperparameter selection, test: final evaluation)."
+        )
+    return key
+
+
+def require_selection_split(split: str) -> str:
+    """Guard for code that *selects* something (K, delta, a checkpoint): return the role, refusing ``"test"``.
+
+    Selecting on the test split is the pitfall of sadi-method.md section 8.2 (the authors' grid maxima are test-set
+    maxima). ``"validation"`` is the intended split; ``"pairs"`` is accepted too (selection on the calibration
+    data, e.g. for a quick look).
+
+    Raises:
+        ValueError: ``split`` is ``"test"`` or not a split role.
+    """
+    role = normalize_split(split)
+    if role == "test":
+        raise ValueError(
+            "Refusing to select hyperparameters on the 'test' split: selection must use 'validation' (or 'pairs'), "
+            "and 'test' is scored once with the selected setting (sadi-method.md section 8.2)."
+        )
+    return role
+
+
+def split_sizes(
+    n: int, pairs_fraction: float = PAIRS_FRACTION, validation_fraction: float = VALIDATION_FRACTION
+) -> dict[str, int]:
+    """Sizes of the parts :func:`seeded_split` makes from ``n`` items: floor, floor, rest."""
+    if not (0.0 <= pairs_fraction and 0.0 <= validation_fraction and pairs_fraction + validation_fraction <= 1.0):
+        raise ValueError(
+            f"pairs_fraction={pairs_fraction!r} and validation_fraction={validation_fraction!r} must be >= 0 and sum "
+            "to at most 1."
+        )
+    n_pairs = math.floor(n * pairs_fraction)
+    n_validation = math.floor(n * validation_fraction)
+    return {"pairs": n_pairs, "validation": n_validation, "test": n - n_pairs - n_validation}
+
+
+def _rank(salt: str, seed: int, key: str) -> str:
+    return hashlib.sha256(f"{salt}|{seed}|{key}".encode("utf-8")).hexdigest()
+
+
+def seeded_split(
+    items: Sequence[T],
+    key: Callable[[T], str],
+    *,
+    salt: str = SPLIT_SALT,
+    seed: int = SPLIT_SEED,
+    pairs_fraction: float = PAIRS_FRACTION,
+    validation_fraction: float = VALIDATION_FRACTION,
+) -> dict[str, list[T]]:
+    """Cut ``items`` into ``pairs`` / ``validation`` / ``test`` by a hash of each item's text.
+
+    Items are ordered by ``sha256(f"{salt}|{seed}|{key(item)}")`` (ties: file order); the first
+    ``floor(pairs_fraction * N)`` are ``pairs``, the next ``floor(validation_fraction * N)`` ``validation``, the rest
+    ``test``. Each part is returned in the original order. The result depends only on the item texts, so it is the
+    same on every machine and run, and the same questions land in the same part for two tasks built from one
+    dataset (TruthfulQA MC1 and MC2) when they use the same ``key`` and ``salt``.
+    """
+    sizes = split_sizes(len(items), pairs_fraction, validation_fraction)
+    ranked = sorted(range(len(items)), key=lambda i: (_rank(salt, seed, key(items[i])), i))
+    cut1, cut2 = sizes["pairs"], sizes["pairs"] + sizes["validation"]
+    parts = {"pairs": ranked[:cut1], "validation": ranked[cut1:cut2], "test": ranked[cut2:]}
+    return {role: [items[i] for i in sorted(idx)] for role, idx in parts.items()}
+
+
+# ------------------------------------------------------------------------------------------------ Hub fallback
+
+
+def hub_allowed(data_dir: str | os.PathLike[str] | None) -> bool:
+    """The Hub may be tried only when no directory was named (neither ``data_dir`` nor ``$SADI_DATA_DIR``)."""
+    return data_dir is None and not os.environ.get(DATA_DIR_ENV, "").strip()
+
+
+def load_from_hub(
+    dataset: str,
+    config: str | None,
+    split: str,
+    not_found: FileNotFoundError,
+) -> Iterable[Mapping[str, Any]]:
+    """Last-resort fallback: ``datasets.load_dataset(dataset, config, split=split)``.
+
+    Raises:
+        FileNotFoundError: ``not_found`` itself when ``datasets`` is not installed; a combined message when the Hub
+            (network, cache, authentication) fails.
+    """
+    try:
+        import datasets  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        raise not_found from None
+    label = f"{dataset}" + (f" ({config})" if config else "") + f" [{split}]"
+    logger.info("No local data (%s); trying the Hugging Face Hub dataset %s.", not_found, label)
+    try:
+        if config is None:
+            return datasets.load_dataset(dataset, split=split)
+        return datasets.load_dataset(dataset, config, split=split)
+    except Exception as exc:  # noqa: BLE001 - network, cache and auth errors all mean "not available"
+        raise FileNotFoundError(f"{not_found} The Hugging Face Hub fallback {label} also failed: {exc}") from exc

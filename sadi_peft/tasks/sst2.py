@@ -4,6 +4,9 @@ Data: ``<data_dir>/sst2/stsa.binary.{train,dev,test}`` (Kim 2014 splits; 6920 / 
 example per line: the label digit (1 positive, 0 negative), one space, the lower-cased PTB-tokenized sentence.
 The PTB escapes ``-lrb-``, ``-rrb-`` and ``\\/`` are mapped to ``(``, ``)`` and ``/``.
 
+Task ``"sst2"`` (:func:`sadi_peft.tasks.get_task`): split roles pairs = train (6920), validation = dev (872),
+test = test (1821); answers ``Negative`` / ``Positive`` (label 0 / 1); pairs = gold word vs the other.
+
 Prompt and answers follow the SADI reference code (weixuan-wang123/SADI ``load_dataset.py``; see
 ``docs/sadi-method.md`` §5): the answer word ``Positive``/``Negative`` is appended after one space.
 """
@@ -15,14 +18,17 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from .base import Example, Task, register_task
 from .choice import choice_accuracy
-from .data import DATA_DIR_ENV, select_examples, task_file
+from .data import DATA_DIR_ENV, normalize_split, select_examples, task_file
 
 __all__ = [
     "SST2_LABEL_WORDS",
     "SST2_SPLITS",
     "SST2_TEMPLATE",
     "load_sst2",
+    "load_sst2_examples",
+    "sst2_example",
     "select_examples",
     "sst2_choice_accuracy",
     "sst2_pairs",
@@ -159,3 +165,41 @@ def sst2_choice_accuracy(
         model, tokenizer, prompts, SST2_LABEL_WORDS, labels, batch_size=batch_size, progress=progress,
         desc="SST-2 accuracy",
     )
+
+
+# ------------------------------------------------------------------------------------------ Task interface
+_ROLE_TO_SPLIT = {"pairs": "train", "validation": "dev", "test": "test"}
+
+
+def sst2_example(example: Mapping[str, Any], ident: str = "") -> Example:
+    """An :class:`~sadi_peft.tasks.Example` from a ``{"text", "label"}`` dict of :func:`load_sst2`."""
+    label = _check_label(example)
+    return Example(
+        prompt=sst2_prompt(example["text"]), choices=SST2_LABEL_WORDS, label=label, id=ident,
+        meta={"text": example["text"]},
+    )
+
+
+def load_sst2_examples(split: str, data_dir: str | os.PathLike[str] | None = None) -> list[Example]:
+    """SST-2 split role (``pairs`` = train, ``validation`` = dev, ``test`` = test) as :class:`Example` objects."""
+    suffix = _ROLE_TO_SPLIT[normalize_split(split)]
+    return [
+        sst2_example(ex, f"sst2/stsa.binary.{suffix}:{i}")
+        for i, ex in enumerate(load_sst2(suffix, data_dir), start=1)
+    ]
+
+
+register_task(
+    "sst2",
+    lambda: Task(
+        name="sst2",
+        description="SST-2 binary sentiment, answers Positive/Negative",
+        loader=lambda role, data_dir: load_sst2_examples(role, data_dir),
+        split_sources={
+            "pairs": "sst2/stsa.binary.train",
+            "validation": "sst2/stsa.binary.dev",
+            "test": "sst2/stsa.binary.test",
+        },
+        split_sizes={"pairs": 6920, "validation": 872, "test": 1821},
+    ),
+)

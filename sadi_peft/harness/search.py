@@ -1,0 +1,209 @@
+"""K x delta grid search for ``positions="last"`` adapters, scored by restricted-choice log-likelihood.
+
+With ``positions="last"`` the gain acts on the prompt's last token only, so the tokens before it never change with
+K or delta (attention is causal). The cached search runs that prefix once per batch of examples, keeps its KV cache,
+and for every grid point runs only the last prompt token plus the answer options on top of it, cropping the cache
+back afterwards. The naive search runs prompt + option in full for every grid point. Both give the same scores (up
+to float rounding of the attention kernels), so the same accuracies — tested.
+
+Scores are length-normalised: the mean log-probability of an option's tokens after ``prompt + separator``.
+Uses only sadi_peft's public API.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+import sadi_peft
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ChoiceItem:
+    """One example tokenized for scoring: prompt ids, each option's ids after the prompt, and the gold index."""
+
+    prompt_ids: list[int]
+    option_ids: list[list[int]]
+    label: int
+
+
+def encode_choice_item(tokenizer: Any, prompt: str, choices: Sequence[str], label: int, separator: str = " ") -> ChoiceItem:
+    """Tokenize ``prompt`` and each ``prompt + separator + choice``; an option's ids are what follows the prompt."""
+    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    options = []
+    for choice in choices:
+        full = list(tokenizer(prompt + separator + choice)["input_ids"])
+        if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
+            options.append(full[len(prompt_ids) :])
+        else:  # the tokenizer merged across the boundary: tokenize the option on its own
+            ids = list(tokenizer(separator + choice, add_special_tokens=False)["input_ids"])
+            if not ids:
+                raise ValueError(f"choice {choice!r} tokenizes to nothing")
+            options.append(ids)
+    if not prompt_ids:
+        raise ValueError("the prompt tokenizes to nothing")
+    if not 0 <= label < len(choices):
+        raise ValueError(f"label {label} is not an index into {len(choices)} choices")
+    return ChoiceItem(prompt_ids, options, label)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _rows(items: Sequence[ChoiceItem]) -> list[tuple[int, int]]:
+    return [(i, j) for i, item in enumerate(items) for j in range(len(item.option_ids))]
+
+
+def _collect(items, rows, row_scores) -> torch.Tensor:
+    width = max(len(item.option_ids) for item in items)
+    scores = torch.full((len(items), width), float("-inf"))
+    for (i, j), value in zip(rows, row_scores):
+        scores[i, j] = value
+    return scores
+
+
+def score_naive(model, items: Sequence[ChoiceItem], pad_token_id: int) -> torch.Tensor:
+    """[n_items, max_options] mean option log-probs, each prompt + option run in full (right padding)."""
+    rows = _rows(items)
+    seqs = [items[i].prompt_ids + items[i].option_ids[j] for i, j in rows]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    prompt_mask = torch.zeros_like(ids)
+    for r, ((i, _), seq) in enumerate(zip(rows, seqs)):
+        ids[r, : len(seq)] = torch.tensor(seq)
+        mask[r, : len(seq)] = 1
+        prompt_mask[r, : len(items[i].prompt_ids)] = 1
+    device = _device(model)
+    with torch.no_grad(), sadi_peft.prompt_boundary(model, prompt_mask.to(device)):
+        logprobs = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+    out = []
+    for r, (i, j) in enumerate(rows):
+        n, option = len(items[i].prompt_ids), items[i].option_ids[j]
+        positions = torch.arange(n - 1, n - 1 + len(option))
+        out.append(float(logprobs[r, positions, torch.tensor(option)].mean()))
+    return _collect(items, rows, out)
+
+
+class CachedBatch:
+    """A batch of examples with the KV cache of their prompts minus the last token, ready for many grid points."""
+
+    def __init__(self, model, items: Sequence[ChoiceItem], pad_token_id: int) -> None:
+        self.model, self.items = model, items
+        self.rows = _rows(items)
+        device = _device(model)
+        prefixes = [items[i].prompt_ids[:-1] for i, _ in self.rows]
+        suffixes = [items[i].prompt_ids[-1:] + items[i].option_ids[j] for i, j in self.rows]
+        self.prefix_len = max(len(p) for p in prefixes)
+        L, S, R = self.prefix_len, max(len(s) for s in suffixes), len(self.rows)
+        prefix_ids = torch.full((R, L), pad_token_id, dtype=torch.long)
+        prefix_mask = torch.zeros((R, L), dtype=torch.long)
+        suffix_ids = torch.full((R, S), pad_token_id, dtype=torch.long)
+        suffix_mask = torch.zeros((R, S), dtype=torch.long)
+        for r, (p, s) in enumerate(zip(prefixes, suffixes)):
+            if p:  # left padding: every prefix ends at column L - 1
+                prefix_ids[r, L - len(p) :] = torch.tensor(p)
+                prefix_mask[r, L - len(p) :] = 1
+            suffix_ids[r, : len(s)] = torch.tensor(s)  # right padding after the prefix
+            suffix_mask[r, : len(s)] = 1
+        lengths = prefix_mask.sum(-1)
+        self.suffix_ids = suffix_ids.to(device)
+        self.attention = torch.cat([prefix_mask, suffix_mask], dim=1).to(device)
+        self.suffix_positions = (lengths.unsqueeze(1) + torch.arange(S)).to(device)
+        # the steered token is the first suffix column, absolute position L in the padded layout
+        self.pin = torch.cat([torch.ones(R, L + 1, dtype=torch.long), torch.zeros(R, S - 1, dtype=torch.long)], 1).to(device)
+        self.cache = None
+        if L > 0:
+            positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0).to(device)
+            with torch.no_grad(), model.disable_adapter():  # tokens before the last prompt token are never steered
+                out = model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
+                            position_ids=positions, use_cache=True)
+            self.cache = out.past_key_values
+
+    def score(self) -> torch.Tensor:
+        """Scores at the adapter's current mask and delta (the cache is cropped back afterwards)."""
+        model = self.model
+        with torch.no_grad(), sadi_peft.prompt_boundary(model, self.pin):
+            out = model(input_ids=self.suffix_ids, attention_mask=self.attention, position_ids=self.suffix_positions,
+                        past_key_values=self.cache, use_cache=self.cache is not None)
+        if self.cache is not None:
+            self.cache.crop(-self.suffix_ids.shape[1])  # back to the prefix (transformers 5: crop(-n) drops n)
+            if self.cache.get_seq_length() != self.prefix_len:
+                raise RuntimeError("the KV cache could not be cropped back to the prompt prefix")
+        logprobs = torch.log_softmax(out.logits.float(), -1)
+        scores = []
+        for r, (i, j) in enumerate(self.rows):
+            option = self.items[i].option_ids[j]
+            positions = torch.arange(len(option))
+            scores.append(float(logprobs[r, positions, torch.tensor(option)].mean()))
+        return _collect(self.items, self.rows, scores)
+
+
+def accuracy_of(scores: torch.Tensor, items: Sequence[ChoiceItem]) -> float:
+    labels = torch.tensor([item.label for item in items])
+    return float((scores.argmax(-1) == labels).float().mean())
+
+
+def grid_search(
+    model,
+    tokenizer,
+    items: Sequence[ChoiceItem],
+    grid: Sequence[tuple[int, float]],
+    *,
+    cached: bool = True,
+    batch_size: int = 16,
+    adapter_name: Optional[str] = None,
+    show_progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Accuracy of every (K, delta) grid point on ``items`` (a validation split: choose on it, never on test).
+
+    ``model`` carries a calibrated ``positions="last"`` SADI adapter (its stored scores are re-cut for each K).
+    Returns one dict per grid point: ``top_k``, ``delta``, ``accuracy``, ``n``; the adapter is left at the last
+    grid point.
+    """
+    name, config = sadi_peft.model.resolve_adapter(model, adapter_name)
+    if cached and config.positions != "last":
+        raise ValueError("The prefix-cached search needs positions='last' (with 'all' every token is steered); "
+                         "use cached=False.")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    all_scores: list[list[torch.Tensor]] = [[] for _ in grid]
+    masks = {}
+    for k in sorted({k for k, _ in grid}):  # cut each K's mask once, then copy it in per grid point
+        sadi_peft.apply_top_k(model, k, adapter_name=name)
+        masks[k] = [layer.sadi_mask[name].clone() for _, layer in sadi_peft.model.sadi_layers(model, name)]
+    layers = [layer for _, layer in sadi_peft.model.sadi_layers(model, name)]
+
+    def set_point(k: int, delta: float) -> None:
+        for layer, mask in zip(layers, masks[k]):
+            layer.sadi_mask[name].copy_(mask)
+        sadi_peft.set_delta(model, delta, adapter_name=name)
+
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    for batch in tqdm(batches, desc="grid search", disable=not show_progress):
+        prepared = CachedBatch(model, batch, pad) if cached else None
+        for g, (k, delta) in enumerate(grid):
+            set_point(k, delta)
+            all_scores[g].append(prepared.score() if cached else score_naive(model, batch, pad))
+    config.top_k = grid[-1][0]
+    results = []
+    for g, (k, delta) in enumerate(grid):
+        width = max(s.shape[1] for s in all_scores[g])
+        scores = torch.cat([torch.nn.functional.pad(s, (0, width - s.shape[1]), value=float("-inf")) for s in all_scores[g]])
+        results.append({"top_k": k, "delta": delta, "accuracy": accuracy_of(scores, items), "n": len(items),
+                        "scores": scores})
+    return results
+
+
+def timed_grid_search(*args, **kwargs) -> tuple[list[dict[str, Any]], float]:
+    start = time.perf_counter()
+    results = grid_search(*args, **kwargs)
+    return results, time.perf_counter() - start

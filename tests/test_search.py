@@ -1,0 +1,60 @@
+"""The prefix-cached K x delta search scores exactly what the naive search scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from tiny_models import PAIRS, CharTokenizer, tiny_llama
+
+import sadi_peft
+from sadi_peft.harness.search import encode_choice_item, grid_search
+
+TOK = CharTokenizer()
+EXAMPLES = [
+    ("Review: a wonderful film. Sentiment:", ["Positive", "Negative"], 0),
+    ("Review: dull and long. Sentiment:", ["Positive", "Negative"], 1),
+    ("Q: 2+2? A:", ["4", "five", "22"], 0),
+    ("x", ["yes", "no"], 1),  # a one-character prompt: BOS + 1 token
+    ("Review: the cast is superb and the script sparkles. Sentiment:", ["Positive", "Negative"], 0),
+    ("Which is a colour?", ["red", "run", "rain"], 0),
+    ("Review: I want my money back. Sentiment:", ["Positive", "Negative"], 1),
+]
+GRID = [(1, 0.0), (1, 5.0), (2, 20.0), (3, 50.0), (4, -0.5)]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_cached_search_matches_naive_search(attn):
+    model = get_peft_model(tiny_llama(attn_implementation=attn), sadi_peft.SADIConfig(top_k=2, positions="last"))
+    sadi_peft.calibrate(model, TOK, PAIRS, show_progress=False)
+    items = [encode_choice_item(TOK, p, c, y) for p, c, y in EXAMPLES]
+    cached = grid_search(model, TOK, items, GRID, cached=True, batch_size=3, show_progress=False)
+    naive = grid_search(model, TOK, items, GRID, cached=False, batch_size=3, show_progress=False)
+    for a, b in zip(cached, naive):
+        assert (a["top_k"], a["delta"]) == (b["top_k"], b["delta"])
+        torch.testing.assert_close(a["scores"], b["scores"], atol=1e-5, rtol=0)
+        assert a["accuracy"] == b["accuracy"]
+    # the steering is really on: some grid point moves the scores away from delta = 0
+    assert not torch.allclose(cached[0]["scores"], cached[3]["scores"])
+
+
+def test_naive_scores_equal_one_by_one_steered_scoring():
+    """Independent check of the scorer: per example, per option, prompt + option through the model alone."""
+    model = get_peft_model(tiny_llama(), sadi_peft.SADIConfig(top_k=2, delta=10.0, positions="last"))
+    sadi_peft.calibrate(model, TOK, PAIRS, show_progress=False)
+    items = [encode_choice_item(TOK, p, c, y) for p, c, y in EXAMPLES]
+    result = grid_search(model, TOK, items, [(2, 10.0)], cached=True, batch_size=4, show_progress=False)[0]
+    for i, item in enumerate(items):
+        for j, option in enumerate(item.option_ids):
+            n = len(item.prompt_ids)
+            ids = torch.tensor([item.prompt_ids + option])
+            with torch.no_grad(), sadi_peft.prompt_boundary(model, torch.tensor([[1] * n + [0] * len(option)])):
+                logprobs = torch.log_softmax(model(input_ids=ids).logits[0], -1)
+            expected = logprobs[torch.arange(n - 1, n - 1 + len(option)), torch.tensor(option)].mean()
+            assert result["scores"][i, j].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_cached_search_refuses_all_positions():
+    model = get_peft_model(tiny_llama(), sadi_peft.SADIConfig(top_k=1, positions="all"))
+    with pytest.raises(ValueError, match="needs positions='last'"):
+        grid_search(model, TOK, [], [(1, 1.0)], cached=True)
