@@ -16,11 +16,12 @@ class CharTokenizer:
         self.vocab_size = vocab_size
         self.pad_token_id = pad_token_id
 
-    def encode(self, text: str) -> list[int]:
-        return [self.bos_token_id] + [3 + (ord(c) % (self.vocab_size - 3)) for c in text]
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        bos = [self.bos_token_id] if add_special_tokens else []
+        return bos + [3 + (ord(c) % (self.vocab_size - 3)) for c in text]
 
-    def __call__(self, text: str, **kwargs):
-        return {"input_ids": self.encode(text)}
+    def __call__(self, text: str, add_special_tokens: bool = True, **kwargs):
+        return {"input_ids": self.encode(text, add_special_tokens)}
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:

@@ -42,8 +42,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or EXIT_OK)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"sadi-peft {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        text = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"sadi-peft {args.command}: error: {text}", file=sys.stderr)
         return EXIT_USAGE
 
 

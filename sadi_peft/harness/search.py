@@ -36,20 +36,17 @@ class ChoiceItem:
 
 
 def encode_choice_item(tokenizer: Any, prompt: str, choices: Sequence[str], label: int, separator: str = " ") -> ChoiceItem:
-    """Tokenize ``prompt`` and each ``prompt + separator + choice``; an option's ids are what follows the prompt."""
-    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    """Tokenize like ``sadi_peft.tasks.evaluate(protocol="choice")``: ``prompt.strip()`` with special tokens, each
+    option as ``separator + choice.strip()`` without them, so that search and evaluation score the same tokens."""
+    prompt_ids = list(tokenizer(prompt.strip())["input_ids"])
+    if not prompt_ids:
+        raise ValueError(f"the prompt {prompt[:60]!r} tokenizes to nothing")
     options = []
     for choice in choices:
-        full = list(tokenizer(prompt + separator + choice)["input_ids"])
-        if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
-            options.append(full[len(prompt_ids) :])
-        else:  # the tokenizer merged across the boundary: tokenize the option on its own
-            ids = list(tokenizer(separator + choice, add_special_tokens=False)["input_ids"])
-            if not ids:
-                raise ValueError(f"choice {choice!r} tokenizes to nothing")
-            options.append(ids)
-    if not prompt_ids:
-        raise ValueError("the prompt tokenizes to nothing")
+        ids = list(tokenizer(separator + choice.strip(), add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise ValueError(f"choice {choice!r} tokenizes to nothing")
+        options.append(ids)
     if not 0 <= label < len(choices):
         raise ValueError(f"label {label} is not an index into {len(choices)} choices")
     return ChoiceItem(prompt_ids, options, label)

@@ -1,0 +1,68 @@
+"""The sadi-peft command: fit, search, eval, report, plot end to end on SmolLM2 at small sizes; exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", "sadi_peft.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=600)
+
+
+def test_help_lists_every_command(tmp_path):
+    result = cli("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for command in ("fit", "search", "eval", "report", "plot", "push", "lm-eval"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fit", "--pairs", "missing.jsonl", "--out", "a"], "missing.jsonl: no such file"),
+    (["fit", "--task", "sst2", "--top-k", "0", "--out", "a"], "SADIConfig.top_k=0 is invalid"),
+    (["search", "--task", "sst2", "--k-grid", "x", "--out", "a"], "not a comma-separated list of int"),
+    (["eval", "--task", "no-such-task", "--out", "r.json"], "no-such-task"),
+])
+def test_bad_input_exits_2_with_a_message(tmp_path, args, message):
+    result = cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+
+
+@pytest.mark.slow
+def test_fit_search_eval_report_plot(tmp_path, smollm2_path, data_dir):
+    common = ["--data-dir", str(data_dir), "--no-progress"]
+    fit = cli("fit", "--task", "sst2", "--n-pairs", "8", "--out", "fitted", *common, cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert (tmp_path / "fitted" / "adapter_config.json").exists()
+    assert json.loads((tmp_path / "fitted" / "fit.json").read_text())["num_pairs"] == 8
+
+    search = cli("search", "--task", "sst2", "--n-pairs", "8", "--limit", "6", "--k-grid", "1,2",
+                 "--delta-grid", "2,9", "--out", "searched", *common, cwd=tmp_path)
+    assert search.returncode == 0, search.stderr[-3000:]
+    grid = json.loads((tmp_path / "searched" / "grid.json").read_text())
+    assert grid["selection_split"] == "validation" and grid["cached"] and len(grid["grid"]) == 4
+    assert (tmp_path / "searched" / "heatmap.png").stat().st_size > 0
+    assert grid["best"]["accuracy"] == max(g["accuracy"] for g in grid["grid"])
+
+    for name, extra in (("none", []), ("sadi", ["--adapter", str(tmp_path / "searched" / "adapter")])):
+        result = cli("eval", "--task", "sst2", "--split", "test", "--limit", "6", "--out", f"results/{name}.json",
+                     *extra, *common, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads((tmp_path / "results" / "sadi.json").read_text())
+    assert payload["method"] == "sadi-head-last" and payload["n"] == 6 and 0 <= payload["accuracy"] <= 1
+
+    report = cli("report", "results", cwd=tmp_path)
+    assert report.returncode == 0 and "| none |" in report.stdout and "| sadi-head-last |" in report.stdout
+
+    plot = cli("plot", "fitted", cwd=tmp_path)
+    assert plot.returncode == 0 and (tmp_path / "fitted" / "scores.png").stat().st_size > 0
