@@ -41,8 +41,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -55,6 +53,7 @@ from transformers.pytorch_utils import Conv1D
 from .config import SADIConfig
 from .layer import SADILayer
 from .model import resolve_adapter, sadi_layers, transformer_model
+from .saving import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -195,26 +194,6 @@ def _weight_dtype(targets: list[_Target]) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------------- writing
-@contextlib.contextmanager
-def _atomic_folder(output_dir: PathLike) -> Iterator[Path]:
-    """Yield an empty temporary sibling folder; on success it replaces ``output_dir``, on failure it is removed."""
-    target = Path(output_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _save_adapter(folder: Path, peft_config: Any, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
@@ -290,7 +269,7 @@ def export_ia3(model: nn.Module, output_dir: PathLike, *, adapter_name: Optional
         inference_mode=True,
         **_base_info(config),
     )
-    with _atomic_folder(output_dir) as folder:
+    with atomic_directory(output_dir) as folder:
         _save_adapter(folder, ia3_config, tensors)
         _write_readme(
             folder, "IA3 export of a SADI steering adapter", name, config,
@@ -381,7 +360,7 @@ def export_lora(model: nn.Module, output_dir: PathLike, *, adapter_name: Optiona
         inference_mode=True,
         **_base_info(config),
     )
-    with _atomic_folder(output_dir) as folder:
+    with atomic_directory(output_dir) as folder:
         _save_adapter(folder, lora_config, tensors)
         lines = [
             f"**LoRA rank r = {rank}** (lora_alpha = r, so the scaling is 1). vLLM: "
@@ -533,7 +512,7 @@ def export_merged(
             done.append((layer, (base.weight.detach().clone(), None if bias is None else bias.detach().clone())))
             layer.merge()
         state = _plain_state_dict(tmodel)
-        with _atomic_folder(output_dir) as folder, _saving_as_plain_model(tmodel):
+        with atomic_directory(output_dir) as folder, _saving_as_plain_model(tmodel):
             tmodel.save_pretrained(str(folder), state_dict=state)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(folder))

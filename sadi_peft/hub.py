@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .config import SADIConfig
+from .saving import atomic_directory, replace_directory
 
 logger = logging.getLogger(__name__)
 
@@ -560,20 +561,6 @@ def build_model_card(
 
 
 # ---------------------------------------------------------------------------------------------------- saving
-def _replace_folder(staging: Path, target: Path) -> None:
-    """Move the complete ``staging`` folder to ``target``, replacing it only once the new one is complete."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it 0700; give it the mode a plain mkdir would
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
-
-
 def _rewrite_base_model(folder: Path, base_model: str) -> None:
     path = folder / ADAPTER_CONFIG_NAME
     data = json.loads(path.read_text(encoding="utf-8"))
@@ -638,20 +625,13 @@ def save_with_card(
     The whole folder (adapter files and card) is written to a temporary sibling and renamed into place, so an
     interrupted save never leaves a half-written folder; an existing ``folder`` is replaced.
     """
-    target = Path(folder)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(folder) as staging:
         _stage(model, staging, adapter_name)
         if base_model:
             _rewrite_base_model(staging, base_model)
         card = build_model_card(staging, base_model=base_model, **card_kwargs)
         (staging / "README.md").write_text(card, encoding="utf-8")
-        _replace_folder(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    return Path(folder)
 
 
 # ---------------------------------------------------------------------------------------------------- pushing
@@ -755,7 +735,7 @@ def push_to_hub(
         )
         _check_publishable(folder)
         if dry_run_dir is not None:
-            _replace_folder(folder, target)
+            replace_directory(folder, target)
             logger.info("Dry run: wrote the folder that would be uploaded as %s to %s", repo_id, target)
             return target
 

@@ -176,6 +176,12 @@ def prompt_boundary(model: nn.Module, attention_mask: Optional[torch.Tensor] = N
         ctx.pinned = previous
 
 
+def pinned_prompt_end(model: nn.Module) -> Optional[torch.Tensor]:
+    """The absolute prompt-end positions pinned by an enclosing :func:`prompt_boundary` (or ``generate``), if any."""
+    ctx = transformer_model(model).__dict__.get("_sadi_context")
+    return None if ctx is None else ctx.pinned
+
+
 def set_delta(model: nn.Module, delta: float, *, adapter_name: Optional[str] = None) -> None:
     """Change the steering strength of a SADI adapter in place (gain = 1 + delta); the config follows."""
     name, config = resolve_adapter(model, adapter_name)
