@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""Regenerate the results table: every (model, task, method) -> one JSON file, written atomically, skipped when
+present, so a run can be stopped and resumed across sittings.
+
+For each task: calibration pairs come from the task's ``pairs`` split, every hyperparameter (K and delta for SADI,
+the random mask and fixed steering; layer and multiplier for CAA; K and alpha for ITI) is chosen on the
+``validation`` split only, and the chosen configuration is scored once on the ``test`` split. Scoring is
+restricted-choice log-likelihood (length-normalised) for every method.
+
+    python scripts/reproduce.py --out results/smollm2                     # everything (hours on 2 CPU cores)
+    python scripts/reproduce.py --tasks copa,sst2 --methods none,sadi-head-last --out results/smollm2
+    python scripts/reproduce.py --tiny --tasks copa --limit 8 --out /tmp/r  # smoke size
+    sadi-peft report results/smollm2 --out results/smollm2/table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from _common import add_model_arguments, load  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+
+import sadi_peft  # noqa: E402
+from sadi_peft.harness import baselines  # noqa: E402
+from sadi_peft.harness.search import encode_choice_item, grid_search  # noqa: E402
+from sadi_peft.tasks import get_task, select_examples  # noqa: E402
+
+logger = logging.getLogger("reproduce")
+
+TASKS = ["copa", "sst2", "boolq", "arc_easy", "arc_challenge", "mmlu", "truthfulqa_mc1", "winogrande"]
+METHODS = [
+    "none",
+    *[f"sadi-{v}-{p}" for v in ("head", "neuron", "hidden") for p in ("last", "all")],
+    "random-head", "fixed-head", "caa", "iti",
+]
+# the authors' grids (sadi-method.md section 4.4), cut to what a 2-core CPU run can afford; gain = 1 + delta
+K_GRID = {"head": [1, 2, 4, 6, 8, 10], "neuron": [3, 10, 30, 100, 300], "hidden": [1, 2, 4, 8, 16]}
+DELTA_GRID = [4.0, 9.0, 14.0, 24.0, 34.0]
+CAA_ALPHAS = [-2.0, -1.0, 1.0, 2.0, 4.0, 8.0]
+ITI_GRID = [(k, a) for k in (4, 16, 48) for a in (5.0, 15.0)]
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2)
+    os.replace(tmp, path)
+
+
+def items_of(tokenizer, examples):
+    return [encode_choice_item(tokenizer, e.prompt, e.choices, e.label) for e in examples]
+
+
+def run_one(args, task, method: str) -> dict:
+    started = time.perf_counter()
+    model, tokenizer = load(args)
+    split_examples = {s: task.load(s, args.data_dir) for s in ("pairs", "validation", "test")}
+    if args.limit:
+        split_examples = {s: e[: args.limit] for s, e in split_examples.items()}
+    pairs = task.pairs(select_examples(split_examples["pairs"], min(args.n_pairs, len(split_examples["pairs"])),
+                                       args.seed), seed=args.seed)
+    validation, test = split_examples["validation"], split_examples["test"]
+    record = {"task": task.name, "method": method, "split": "test", "model": "tiny-random" if args.tiny else args.model,
+              "protocol": "choice", "seed": args.seed, "num_pairs": len(pairs), "n_validation": len(validation)}
+
+    if method == "none":
+        result = baselines.evaluate_items(model, tokenizer, test, batch_size=args.batch_size)
+        record.update(accuracy=result["accuracy"], n=result["n"], chosen={})
+    elif method.startswith("sadi-"):
+        _, variant, positions = method.split("-")
+        model = get_peft_model(model, sadi_peft.SADIConfig(variant=variant, top_k=1, positions=positions))
+        units = sum(model.peft_config["default"].unit_counts.values())
+        sadi_peft.calibrate(model, tokenizer, pairs, batch_size=args.batch_size, show_progress=False)
+        grid = [(k, d) for k in K_GRID[variant] if k <= units for d in DELTA_GRID]
+        results = grid_search(model, tokenizer, items_of(tokenizer, validation), grid, cached=(positions == "last"),
+                              batch_size=args.batch_size, show_progress=False)
+        best = max(results, key=lambda r: (r["accuracy"], -r["top_k"], -r["delta"]))
+        sadi_peft.apply_top_k(model, best["top_k"])
+        sadi_peft.set_delta(model, best["delta"])
+        result = baselines.evaluate_items(model, tokenizer, test, batch_size=args.batch_size)
+        record.update(accuracy=result["accuracy"], n=result["n"],
+                      chosen={"top_k": best["top_k"], "delta": best["delta"]}, validation_accuracy=best["accuracy"],
+                      grid=[{"top_k": r["top_k"], "delta": r["delta"], "accuracy": r["accuracy"]} for r in results])
+    else:
+        if method in ("random-head", "fixed-head"):
+            model = get_peft_model(model, sadi_peft.SADIConfig(variant="head", top_k=1, positions="last"))
+            sadi_peft.calibrate(model, tokenizer, pairs, batch_size=args.batch_size, show_progress=False)
+            units = sum(model.peft_config["default"].unit_counts.values())
+            grid = [(k, d) for k in K_GRID["head"] if k <= units for d in DELTA_GRID]
+            if method == "random-head":
+                base = baselines.RandomMask(k=1, seed=args.seed)
+            else:
+                base = baselines.fit_fixed_steering(model, tokenizer, pairs, batch_size=args.batch_size)
+        elif method == "caa":
+            base = baselines.fit_caa(model, tokenizer, pairs, batch_size=args.batch_size)
+            n_layers = base.vectors.shape[0]
+            layers = range(0, n_layers, max(1, n_layers // 10))  # about 10 evenly spaced layers
+            grid = [(layer, alpha) for layer in layers for alpha in CAA_ALPHAS]
+        elif method == "iti":
+            base = baselines.fit_iti(model, tokenizer, pairs, seed=args.seed, batch_size=args.batch_size)
+            grid = [(k, a) for k, a in ITI_GRID if k <= len(base.ranking)]
+        else:
+            raise ValueError(f"unknown method {method!r}; known: {METHODS}")
+        selection = base.select_on_validation(model, tokenizer, validation, grid, "validation",
+                                              batch_size=args.batch_size)
+        with selection.baseline.apply(model):
+            result = baselines.evaluate_items(model, tokenizer, test, batch_size=args.batch_size)
+        record.update(accuracy=result["accuracy"], n=result["n"], chosen=selection.best,
+                      validation_accuracy=selection.accuracy)
+    record["wall_seconds"] = time.perf_counter() - started
+    return record
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+    parser.add_argument("--data-dir", default=None, help="task data folder (default: $SADI_DATA_DIR, ../shared/data)")
+    parser.add_argument("--n-pairs", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=None, help="cap every split (smoke runs only)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    failures = 0
+    for task_name in args.tasks.split(","):
+        task = get_task(task_name)
+        for method in args.methods.split(","):
+            path = args.out / task.name / f"{method}.json"
+            if path.exists():
+                logger.info("skip %s (present)", path)
+                continue
+            logger.info("run %s / %s", task.name, method)
+            try:
+                record = run_one(args, task, method)
+            except Exception as error:  # record the failure, go on with the rest
+                failures += 1
+                logger.exception("%s / %s failed", task.name, method)
+                write_json(args.out / task.name / f"{method}.error.json", {"task": task.name, "method": method,
+                                                                          "error": repr(error)})
+                continue
+            write_json(path, record)
+            logger.info("%s / %s: test accuracy %.4f (n=%d) in %.0f s", task.name, method, record["accuracy"],
+                        record["n"], record["wall_seconds"])
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

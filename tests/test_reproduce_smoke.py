@@ -1,0 +1,35 @@
+"""The results script runs end to end at smoke size, writes one JSON per (task, method), and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
+
+
+def test_reproduce_smoke_and_resume(tmp_path, smollm2_path, data_dir):
+    args = [str(REPO / "scripts" / "reproduce.py"), "--tiny", "--tasks", "copa", "--methods",
+            "none,sadi-head-last,random-head,caa", "--limit", "6", "--n-pairs", "6", "--data-dir", str(data_dir),
+            "--out", "results"]
+    first = run(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    files = sorted(p.name for p in (tmp_path / "results" / "copa").glob("*.json"))
+    assert files == ["caa.json", "none.json", "random-head.json", "sadi-head-last.json"]
+    record = json.loads((tmp_path / "results" / "copa" / "sadi-head-last.json").read_text())
+    assert record["split"] == "test" and record["n"] == 6 and "top_k" in record["chosen"]
+    second = run(*args, cwd=tmp_path)
+    assert second.returncode == 0 and second.stderr.count("skip ") == 4
+    report = run("-m", "sadi_peft.cli", "report", "results", cwd=tmp_path)
+    assert report.returncode == 0 and "| none |" in report.stdout and "copa" in report.stdout
