@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     import peft
 
     import sadi_peft
+    from sadi_peft.harness.baselines import evaluate_items
     from sadi_peft.harness.search import encode_choice_item, grid_search
     from sadi_peft.tasks import get_task, require_selection_split
 
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     calibration_s = time.perf_counter() - start
     items = [encode_choice_item(tokenizer, e.prompt, e.choices, e.label) for e in examples]
     grid = [(k, d) for k in args.k_grid for d in args.delta_grid]
-    baseline = unsteered_accuracy(model, tokenizer, items, args.batch_size)
+    with model.disable_adapter():  # scored exactly like the grid points
+        baseline = evaluate_items(model, tokenizer, examples, batch_size=args.batch_size)["accuracy"]
     start = time.perf_counter()
     results = grid_search(model, tokenizer, items, grid, cached=(args.positions == "last" and not args.naive),
                           batch_size=args.batch_size, show_progress=not args.no_progress)
@@ -83,20 +85,6 @@ def run(args: argparse.Namespace) -> int:
           f"K={best['top_k']}, delta={best['delta']:g} ({len(grid)} points, {search_s:.1f} s); "
           f"adapter -> {args.out / 'adapter'}{'; heatmap -> ' + str(heatmap) if heatmap else ''}")
     return EXIT_OK
-
-
-def unsteered_accuracy(model, tokenizer, items, batch_size: int) -> float:
-    """Validation accuracy with the adapter disabled, scored exactly like the grid points."""
-    import torch
-
-    from sadi_peft.harness.search import accuracy_of, score_naive
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    with model.disable_adapter():
-        parts = [score_naive(model, items[i : i + batch_size], pad) for i in range(0, len(items), batch_size)]
-    width = max(p.shape[1] for p in parts)
-    scores = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=float("-inf")) for p in parts])
-    return accuracy_of(scores, items)
 
 
 def _heatmap(payload: dict, path: Path):
