@@ -175,6 +175,7 @@ def calibrate(
     separator: str = " ",
     strip: bool = True,
     show_progress: bool = True,
+    distributed: Optional[bool] = None,
 ) -> CalibrationResult:
     """Fill a SADI adapter's mask from contrastive pairs and return the per-unit scores.
 
@@ -189,6 +190,11 @@ def calibrate(
         separator, strip: each text is ``prompt + separator + answer`` (both stripped first when ``strip``, as in
             the authors' code).
         show_progress: show a tqdm bar.
+        distributed: with ``torch.distributed`` initialised (``torchrun`` / ``accelerate launch``; gloo on CPU,
+            NCCL on GPUs) each process passes its own shard of the pairs, and the running sums and pair counts are
+            all-reduced, so every process ends with exactly the scores of one process over all pairs. ``None``
+            (default): do so whenever a process group with more than one process is initialised. Processes with a
+            different adapter, variant or model shape are refused before any statistics are mixed.
 
     The scores are stored in the adapter (``sadi_scores``) and saved with it; :func:`apply_top_k` re-cuts the mask
     for another K without running the pairs again. On any error the adapter's previous mask and scores are kept.
@@ -229,6 +235,7 @@ def calibrate(
     if hasattr(pairs, "__len__"):
         total = math.ceil(len(pairs) / batch_size)  # type: ignore[arg-type]
     num_pairs = 0
+    world = _distributed_group(distributed, config, unit_counts)
     ctx = get_context(inner)
     already_warned = name in ctx.warned_empty
     ctx.warned_empty.add(name)  # the mask is blanked on purpose below: no "empty mask" warning meanwhile
@@ -275,6 +282,10 @@ def calibrate(
                 recorder.half = len(triples)
                 inner(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **extra)
                 num_pairs += len(triples)
+        for layer_name, units in unit_counts.items():  # a process may have seen no pair of its shard
+            recorder.sums.setdefault(layer_name, torch.zeros(units, dtype=torch.float64))
+        if world is not None:
+            num_pairs = _all_reduce_sums(world, recorder.sums, num_pairs, device)
         if num_pairs == 0:
             raise ValueError("pairs is empty: calibration needs at least one (prompt, positive, negative) triple.")
         for layer_name, layer in layers:
@@ -306,6 +317,49 @@ def calibrate(
     result = CalibrationResult(name, config.variant, num_pairs, scores, selected)
     logger.info("Calibrated SADI adapter %r on %d pairs: %s", name, num_pairs, result)
     return result
+
+
+def _distributed_group(distributed: Optional[bool], config: SADIConfig, unit_counts: dict[str, int]):
+    """The default process group when calibration is to be shared, after checking all processes agree."""
+    import torch.distributed as dist
+
+    active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed is None:
+        distributed = active
+    if not distributed:
+        return None
+    if not active:
+        raise ValueError("calibrate(distributed=True) needs an initialised torch.distributed process group with "
+                         "more than one process (torchrun / accelerate launch).")
+    setup = {"variant": config.variant, "positions": config.positions, "neuron_statistic": config.neuron_statistic,
+             "unit_counts": sorted(unit_counts.items())}
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, setup)
+    if any(other != setup for other in gathered):
+        ranks = [rank for rank, other in enumerate(gathered) if other != gathered[0]]
+        raise ValueError(
+            f"Distributed calibration refused: processes {ranks} have another adapter or model than process 0 "
+            f"({gathered[0]} vs {gathered[ranks[0]]}); every process must wrap the same model with the same config."
+        )
+    return dist.group.WORLD
+
+
+def _all_reduce_sums(group, sums: dict[str, torch.Tensor], num_pairs: int, device: torch.device) -> int:
+    """Sum the per-unit running sums and the pair count over all processes (float64; on the model's device for NCCL)."""
+    import torch.distributed as dist
+
+    on_device = dist.get_backend(group) == "nccl"
+    names = sorted(sums)
+    flat = torch.cat([sums[n] for n in names] + [torch.tensor([float(num_pairs)], dtype=torch.float64)])
+    flat = flat.to(device) if on_device else flat
+    dist.all_reduce(flat, group=group)
+    flat = flat.cpu()
+    offset = 0
+    for n in names:
+        size = sums[n].numel()
+        sums[n] = flat[offset : offset + size].clone()
+        offset += size
+    return int(round(float(flat[-1])))
 
 
 def _statistic_name(config: SADIConfig) -> str:
