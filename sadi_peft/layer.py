@@ -145,7 +145,7 @@ class SADILayer(BaseTunerLayer):
         # calibration scores to bf16/fp16. The mask is bool and the gain is built in the input's dtype anyway.
         target = device if device is not None else self.get_base_layer().weight.device
         if target is None or torch.device(target).type == "meta":
-            return
+            return  # an offloaded base layer (accelerate device_map): the buffers stay where they were created
         for container in (self.sadi_mask, self.sadi_scores):
             if adapter_name in container:
                 container[adapter_name] = container[adapter_name].to(target)

@@ -326,6 +326,19 @@ class SADIModel(BaseTuner):
         layer._sadi_module_name = current_key
         ctx.layers.add(layer)
 
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        super()._replace_module(parent, child_name, new_module, child)
+        # PEFT moves the adapter containers to the base weight's device, which is "meta" for a layer that
+        # accelerate offloads to CPU RAM or disk (device_map): keep the SADI buffers where the layer computes.
+        hook = getattr(child, "_hf_hook", None) or getattr(getattr(child, "base_layer", None), "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        device = torch.device("cpu") if device is None or torch.device(device).type == "meta" else torch.device(device)
+        if isinstance(new_module, SADILayer):
+            for container in (new_module.sadi_mask, new_module.sadi_scores):
+                for key in list(container):
+                    if container[key].device.type == "meta":
+                        container[key] = torch.zeros(container[key].shape, dtype=container[key].dtype, device=device)
+
     def _check_merge_allowed(self) -> None:
         super()._check_merge_allowed()
         for name in self.active_adapters:
