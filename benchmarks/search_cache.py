@@ -72,7 +72,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    print(f"| search | median wall s | grid points x examples |\n|---|---|---|")
+    print("| search | median wall s | grid points x examples |\n|---|---|---|")
     print(f"| naive  | {naive:.2f} | {len(grid)} x {len(items)} |\n| cached | {cached:.2f} | {len(grid)} x {len(items)} |")
     print(f"ratio naive / cached: {naive / cached:.1f}x; identical accuracies: {same}; max |score diff| {max_diff:.2e}; "
           f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads -> {args.out}")

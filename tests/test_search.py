@@ -58,3 +58,21 @@ def test_cached_search_refuses_all_positions():
     model = get_peft_model(tiny_llama(), sadi_peft.SADIConfig(top_k=1, positions="all"))
     with pytest.raises(ValueError, match="needs positions='last'"):
         grid_search(model, TOK, [], [(1, 1.0)], cached=True)
+
+
+@pytest.mark.slow
+def test_search_cache_benchmark_smoke(tmp_path, smollm2_path, data_dir):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, str(repo / "benchmarks" / "search_cache.py"), "--tiny", "--n-eval", "4",
+                             "--n-pairs", "4", "--out", str(tmp_path / "sc.json")], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "sc.json").read_text())
+    assert report["identical_accuracies"] and {"naive_median_s", "cached_median_s", "ratio"} <= set(report)

@@ -1,0 +1,333 @@
+#!/usr/bin/env python
+"""Calibration cost: pairs/s of ``sadi_peft.calibrate`` ÷ a bare forward over the same pairs, and its peak memory.
+
+Throughput. Every variant's ``calibrate`` (batch size 16 pairs = 32 texts per forward, right padding) runs on the
+same SST-2 pairs as a bare ``torch.no_grad()`` forward of the base model over the very same tokenized, right-padded
+batches, with the same forward arguments as calibration uses (``use_cache=False``, ``logits_to_keep=1``). The bare
+forward gets its batches pre-tokenized (outside the clock), so the ratio charges calibration with everything it does
+beyond the forward: tokenizing, checking, the recording hooks, the score bookkeeping. A third baseline, "bare +
+tokenize", tokenizes inside the clock, to tell tokenizing from the rest. Configurations are interleaved in rotated
+order, one ratio per round (bare ÷ calibrate time = calibrate pairs/s ÷ bare pairs/s), median [min–max].
+Target (issue "Performance and robustness"): >= 0.95.
+
+Memory. For each N in ``--memory-n`` a fresh Python process loads the model, wraps it, reads every weight once (so
+that weight pages the loader had not yet brought in count as the model), records its resident set (VmRSS), resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), calibrates on N pairs, and reads the
+peak (VmHWM): the peak above the loaded model. The pairs cycle through a fixed pool of distinct SST-2 pairs
+(``--pool``), so every N sees the same batch shapes and only the number of pairs changes. Must be flat in N. Each
+N's result is written to the JSON as soon as it finishes, so the large N can run in the background.
+
+    python benchmarks/calibration_throughput.py --threads 1                       # throughput + memory at 100/1000/4000
+    python benchmarks/calibration_throughput.py --threads 1 --skip-throughput --memory-n 4000 --out ...  # one N
+    python benchmarks/calibration_throughput.py --tiny --repeats 1 --n-pairs 8 --memory-n 4 8 --out /tmp/c.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import (  # noqa: E402
+    REPO,
+    add_timing_arguments,
+    apply_threads,
+    examples_on_path,
+    load_average,
+    machine_info,
+    ratio_summary,
+    round_order,
+    shared_weight_copy,
+    spread,
+    summary,
+    timed,
+    write_json,
+)
+
+examples_on_path()
+from _common import add_model_arguments, load  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+
+import sadi_peft  # noqa: E402
+from sadi_peft.calibration import _join  # noqa: E402  (the exact text calibration reads)
+from sadi_peft.tasks import load_sst2, select_examples, sst2_pairs  # noqa: E402
+
+VARIANTS = ("head", "neuron", "hidden")
+TARGET = 0.95
+
+
+# ------------------------------------------------------------------------------------------------ bare forward
+def tokenize_batch(tokenizer, chunk):
+    """The batch calibration builds for ``chunk``: positives then negatives, right-padded, as tensors."""
+    texts = [tokenizer(_join(p, y, " ", True))["input_ids"] for p, y, _ in chunk]
+    texts += [tokenizer(_join(p, n, " ", True))["input_ids"] for p, _, n in chunk]
+    width = max(len(t) for t in texts)
+    input_ids = torch.full((len(texts), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(texts), width), dtype=torch.long)
+    for row, ids in enumerate(texts):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def chunks(pairs, batch_size):
+    iterator = iter(pairs)
+    while chunk := list(itertools.islice(iterator, batch_size)):
+        yield chunk
+
+
+def bare_forward(model, batches) -> None:
+    with torch.no_grad():
+        for input_ids, attention_mask in batches:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+
+
+# ------------------------------------------------------------------------------------------------ memory worker
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def pair_stream(pool, n: int, mode: str):
+    if mode == "cycle":
+        return itertools.islice(itertools.cycle(pool), n)
+    if n > len(pool):
+        raise SystemExit(f"--pool distinct: only {len(pool)} SST-2 train pairs, N={n} asked")
+    return iter(pool[:n])
+
+
+def memory_worker(args) -> None:
+    """Runs in a fresh process: peak RSS above the loaded (and wrapped) model while calibrating on N pairs."""
+    import resource
+
+    model, tokenizer = load(args)
+    model.requires_grad_(False)
+    train = load_sst2("train")
+    pool = sst2_pairs(select_examples(train, None if args.pool == "distinct" else args.pool_size, 0))
+    if args.worker_mode == "calibrate":
+        model = get_peft_model(model, sadi_peft.SADIConfig(variant=args.variant, top_k=4, delta=9.0))
+    rss_after_load = _proc_status_kib("VmRSS")
+    with torch.no_grad():  # read every weight once, so that pages the loader left on disk count as the model
+        for p in model.parameters():
+            p.sum()
+    gc.collect()
+    rss_loaded = _proc_status_kib("VmRSS")
+    hwm_before = _proc_status_kib("VmHWM")
+    reset = _reset_peak_rss()
+    start = time.perf_counter()
+    trace = []  # (pairs handed out so far, VmRSS MiB, VmHWM MiB), every --trace-every pairs
+
+    def traced(stream):
+        for i, pair in enumerate(stream):
+            if args.trace_every and i % args.trace_every == 0:
+                trace.append((i, _proc_status_kib("VmRSS") / 1024, _proc_status_kib("VmHWM") / 1024))
+            yield pair
+
+    stream = traced(pair_stream(pool, args.worker_n, args.pool))
+    if args.worker_mode == "calibrate":
+        # an iterator: calibrate reads it once, in batches
+        sadi_peft.calibrate(model, tokenizer, stream, batch_size=args.batch_size, show_progress=False)
+    else:  # bare forward over the same batches, tokenized one batch at a time
+        with torch.no_grad():
+            for chunk in chunks(stream, args.batch_size):
+                input_ids, attention_mask = tokenize_batch(tokenizer, chunk)
+                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+    seconds = time.perf_counter() - start
+    hwm = _proc_status_kib("VmHWM")
+    result = {
+        "n_pairs": args.worker_n, "mode": args.worker_mode, "variant": args.variant, "pool": args.pool,
+        "pool_size": len(pool), "rss_after_from_pretrained_mib": rss_after_load / 1024,
+        "rss_loaded_mib": rss_loaded / 1024, "peak_rss_mib": hwm / 1024,
+        "rss_after_mib": _proc_status_kib("VmRSS") / 1024,
+        "peak_above_loaded_mib": (hwm - rss_loaded) / 1024, "peak_counter_reset": reset,
+        "peak_before_reset_mib": hwm_before / 1024,
+        "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "seconds": seconds, "pairs_per_s": args.worker_n / seconds, "torch_threads": torch.get_num_threads(),
+        "trace_pairs_rss_hwm_mib": trace,
+    }
+    if not reset:
+        result["note"] = "could not reset VmHWM: the peak includes model loading"
+    Path(args.worker_out).write_text(json.dumps(result))
+
+
+def run_memory(args, report) -> None:
+    cases = [("calibrate", n) for n in args.memory_n]
+    if not args.no_bare_memory:
+        cases.insert(0, ("bare", min(args.memory_n)))
+    report.setdefault("memory", {})
+    for mode, n in cases:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "worker.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-n", str(n), "--worker-mode", mode,
+                   "--worker-out", str(out), "--variant", args.variant, "--pool", args.pool,
+                   "--pool-size", str(args.pool_size), "--batch-size", str(args.batch_size), "--model", args.model,
+                   "--trace-every", str(args.trace_every)]
+            if args.tiny:
+                cmd.append("--tiny")
+            if args.threads is not None:
+                cmd += ["--threads", str(args.threads)]
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"memory worker {mode} N={n} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            result = json.loads(out.read_text())
+        result["process_wall_s"] = time.perf_counter() - start
+        result["load_average_end"] = load_average()
+        report["memory"][f"{mode}/{n}"] = result
+        write_json(args.out, report)  # as each N finishes
+        print(f"memory {mode:9s} N={n:5d}: peak above loaded model {result['peak_above_loaded_mib']:.1f} MiB "
+              f"(loaded {result['rss_loaded_mib']:.0f} MiB), {result['pairs_per_s']:.2f} pairs/s", flush=True)
+    calib = [report["memory"][f"calibrate/{n}"]["peak_above_loaded_mib"] for n in args.memory_n]
+    report["memory_flat"] = {
+        "n": list(args.memory_n), "peak_above_loaded_mib": calib, "max_minus_min_mib": max(calib) - min(calib),
+        "tolerance_mib": args.flat_tolerance_mib, "flat": max(calib) - min(calib) <= args.flat_tolerance_mib,
+    }
+    write_json(args.out, report)
+
+
+# ------------------------------------------------------------------------------------------------ throughput
+def run_throughput(args, report) -> None:
+    loaded, tokenizer = load(args)
+    loaded.requires_grad_(False)
+    loaded.eval()
+    # the bare forward runs on a copy of the module tree too (sharing the weights), like the wrapped models: a
+    # deep-copied model runs its Python a little slower than the one from_pretrained built
+    base = shared_weight_copy(loaded)
+    pairs = sst2_pairs(select_examples(load_sst2("train"), args.n_pairs, 0))
+    batches = [tokenize_batch(tokenizer, chunk) for chunk in chunks(pairs, args.batch_size)]
+    models = {v: get_peft_model(shared_weight_copy(loaded), sadi_peft.SADIConfig(variant=v, top_k=4, delta=9.0))
+              for v in args.variants}
+    runs = {
+        "bare": lambda: bare_forward(base, batches),
+        "bare + tokenize": lambda: bare_forward(base, (tokenize_batch(tokenizer, c) for c in chunks(pairs, args.batch_size))),
+    }
+    for v, model in models.items():
+        runs[f"calibrate {v}"] = (lambda m=model: sadi_peft.calibrate(m, tokenizer, pairs, batch_size=args.batch_size,
+                                                                      show_progress=False))
+    names = list(runs)
+    for name in names:  # warm-up
+        runs[name]()
+    wall = {n: [] for n in names}
+    cpu = {n: [] for n in names}
+    loads = []
+    for rnd in range(args.repeats):
+        for name in round_order(names, rnd):
+            w, c, _ = timed(runs[name])
+            wall[name].append(w)
+            cpu[name].append(c)
+        loads.append(load_average())
+        print(f"round {rnd + 1}/{args.repeats} done, load average {loads[-1]}", flush=True)
+    headline = "cpu" if torch.get_num_threads() == 1 else "wall"
+    results = {}
+    for name in names:
+        clock = {"wall": wall[name], "cpu": cpu[name]}
+        results[name] = {
+            "wall_s": summary(wall[name]), "cpu_s": summary(cpu[name]),
+            "pairs_per_s_wall": summary(len(pairs) / t for t in wall[name]),
+            "pairs_per_s_cpu": summary(len(pairs) / t for t in cpu[name]),
+            # throughput ratio = (pairs / t_config) / (pairs / t_bare) = t_bare / t_config
+            "wall_throughput_ratio": ratio_summary(wall["bare"], clock["wall"]),
+            "cpu_throughput_ratio": ratio_summary(cpu["bare"], clock["cpu"]),
+        }
+    widths = [int(ids.shape[1]) for ids, _ in batches]
+    report["throughput"] = {
+        "n_pairs": len(pairs), "batch_size": args.batch_size, "texts_per_forward": 2 * args.batch_size,
+        "batch_widths": widths, "repeats": args.repeats, "headline_clock": headline,
+        "load_average_per_round": loads, "results": results,
+        "targets": {name: {"median_ratio": results[name][f"{headline}_throughput_ratio"]["median"], "target": TARGET,
+                           "met": results[name][f"{headline}_throughput_ratio"]["median"] >= TARGET}
+                    for name in names if name.startswith("calibrate")},
+    }
+    write_json(args.out, report)
+    print(f"\ncalibration throughput, {len(pairs)} SST-2 pairs, batch {args.batch_size} pairs "
+          f"({2 * args.batch_size} texts); {report['machine']['cpu_count']} cores, "
+          f"{report['machine']['torch_threads']} torch threads; {args.repeats} rounds; headline clock: {headline}")
+    print("| run | pairs/s (median) | throughput ÷ bare, CPU time | throughput ÷ bare, wall time | target ≥ 0.95 |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        t = report["throughput"]["targets"].get(name)
+        verdict = "baseline" if name == "bare" else ("reference" if t is None else ("met" if t["met"] else "MISSED"))
+        print(f"| {name} | {results[name][f'pairs_per_s_{headline}']['median']:.2f} | "
+              f"{spread(results[name]['cpu_throughput_ratio'])} | {spread(results[name]['wall_throughput_ratio'])} | "
+              f"{verdict} |")
+    del models, runs
+    gc.collect()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    add_timing_arguments(parser, repeats=5, out="calibration_throughput.json")
+    parser.add_argument("--n-pairs", type=int, default=64, help="pairs per timed throughput run")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variant", choices=VARIANTS, default="head", help="variant of the memory runs")
+    parser.add_argument("--memory-n", type=int, nargs="*", default=[100, 1000, 4000])
+    parser.add_argument("--pool", choices=("cycle", "distinct"), default="cycle",
+                        help="memory runs: cycle a pool of --pool-size pairs (same batch shapes for every N), or "
+                             "N distinct pairs")
+    parser.add_argument("--pool-size", type=int, default=100)
+    parser.add_argument("--flat-tolerance-mib", type=float, default=16.0,
+                        help="largest peak difference between the N that still counts as flat")
+    parser.add_argument("--no-bare-memory", action="store_true", help="skip the bare-forward memory reference")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--trace-every", type=int, default=100,
+                        help="memory runs: record VmRSS / VmHWM every this many pairs (0: off)")
+    # internal: one memory measurement in a fresh process
+    parser.add_argument("--worker-n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-mode", choices=("calibrate", "bare"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    apply_threads(args.threads)
+    if args.worker_n is not None:
+        memory_worker(args)
+        return
+
+    report = {
+        "benchmark": "calibration_throughput",
+        "machine": machine_info(),
+        "settings": {"model": "tiny-random" if args.tiny else args.model, "batch_size": args.batch_size,
+                     "padding": "right", "forward_kwargs": {"use_cache": False, "logits_to_keep": 1},
+                     "pairs": "SST-2 train (seed 0)", "memory_variant": args.variant, "memory_pool": args.pool,
+                     "memory_pool_size": args.pool_size},
+    }
+    if not args.skip_throughput:
+        run_throughput(args, report)
+    if args.memory_n:
+        run_memory(args, report)
+    write_json(args.out, report)
+    if "memory" in report:
+        print("| run | N pairs | peak RSS above loaded model (MiB) | pairs/s |\n|---|---|---|---|")
+        for key, m in report["memory"].items():
+            print(f"| {m['mode']} | {m['n_pairs']} | {m['peak_above_loaded_mib']:.1f} | {m['pairs_per_s']:.2f} |")
+        flat = report["memory_flat"]
+        print(f"flat in N: {flat['flat']} (spread {flat['max_minus_min_mib']:.1f} MiB, tolerance "
+              f"{flat['tolerance_mib']} MiB)")
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
