@@ -29,6 +29,7 @@ import argparse
 import copy
 import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -121,6 +122,36 @@ def right_padded_batches(tokenizer, pairs, batch_size):
     return batches
 
 
+class DecodeStep:
+    """Replays the forward call ``run`` (a generate) makes at call ``step`` on ``inner``; the KV cache is cropped back."""
+
+    def __init__(self, inner, run, step: int) -> None:
+        captured: dict = {}
+        calls = [0]
+
+        def hook(module, hook_args, kwargs):
+            if calls[0] == step:
+                captured.update(args=hook_args, kwargs=dict(kwargs),
+                                cache_len=kwargs["past_key_values"].get_seq_length())
+            calls[0] += 1
+
+        handle = inner.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            run()
+        finally:
+            handle.remove()
+        self.inner, self.args, self.kwargs = inner, captured["args"], captured["kwargs"]
+        self.cache = self.kwargs["past_key_values"]
+        self.cache.crop(-(self.cache.get_seq_length() - captured["cache_len"]))
+
+    def __call__(self) -> None:
+        with torch.no_grad():
+            self.inner(*self.args, **self.kwargs)
+
+    def reset(self) -> None:
+        self.cache.crop(-1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model alias or folder (main-venv side)")
@@ -135,6 +166,7 @@ def main() -> None:
     parser.add_argument("--n-pairs", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per calibration forward")
     parser.add_argument("--multiplier", type=float, default=4.0, help="steering-vectors multiplier / repeng coeff")
+    parser.add_argument("--step-iterations", type=int, default=100, help="decode-step replays (0: skip)")
     parser.add_argument("--skip", nargs="*", default=[], choices=("generate", "calibration"))
     parser.add_argument("--out", type=Path, default=RESULTS / "peers.json")
     args = parser.parse_args()
@@ -145,10 +177,9 @@ def main() -> None:
 
     if args.inputs is None:
         args.inputs = Path(tempfile.mkdtemp(prefix="sadi-peer-inputs-")) / "inputs.json"
-        env_path = str(REPO)
         subprocess.run([args.main_python, __file__, "--write-inputs", str(args.inputs), "--n-pairs",
                         str(args.n_pairs), "--model", args.model], check=True,
-                       env={**__import__("os").environ, "PYTHONPATH": env_path})
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
     inputs = json.loads(args.inputs.read_text())
     pairs = inputs["pairs"][: args.n_pairs]
 
@@ -238,6 +269,29 @@ def main() -> None:
                                       do_sample=False, pad_token_id=tokenizer.pad_token_id)
         return run
 
+    if "generate" not in args.skip and args.step_iterations > 0:
+        # decode steps, as in generate_overhead.py: the forward call generate makes halfway, replayed many times
+        steps = {bs: {n: DecodeStep(getattr(m, "model", m) if isinstance(m, repeng.ControlModel) else m,
+                                    generator(m, gen_batches[bs]), args.new_tokens // 2)
+                      for n, m in gen_models.items()} for bs in args.batch_sizes}
+        sw = {bs: {n: [] for n in gen_models} for bs in args.batch_sizes}
+        for it in range(3 + args.step_iterations):
+            for bs in args.batch_sizes:
+                for name in round_order(list(gen_models), it):
+                    _, c, _ = timed(steps[bs][name])
+                    steps[bs][name].reset()
+                    if it >= 3:
+                        sw[bs][name].append(c)
+        report["decode_steps"] = {
+            f"batch_{bs}": {n: {"cpu_ms": summary(1000 * t for t in sw[bs][n]),
+                                "cpu_ratio": {k: v for k, v in ratio_summary(sw[bs][n], sw[bs]["base"]).items()
+                                              if k != "per_round"}}
+                            for n in gen_models}
+            for bs in args.batch_sizes
+        }
+        write_json(args.out, report)
+        print(f"decode steps done, load {load_average()}", flush=True)
+
     if "generate" not in args.skip:
         first = {bs: {n: generator(m, gen_batches[bs])() for n, m in gen_models.items()} for bs in args.batch_sizes}
         big = max(args.batch_sizes)
@@ -270,6 +324,12 @@ def main() -> None:
             for name in names[1:]:
                 r = report["generate"][f"batch_{bs}"][name]
                 print(f"| {name} | {bs} | {spread(r['cpu_ratio'])} | {spread(r['wall_ratio'])} |")
+    if "decode_steps" in report:
+        print("| decode step | batch | ms (median) | ÷ base, CPU [p25–p75] |\n|---|---|---|---|")
+        for bs in args.batch_sizes:
+            for name in names[1:]:
+                r = report["decode_steps"][f"batch_{bs}"][name]
+                print(f"| {name} | {bs} | {r['cpu_ms']['median']:.1f} | {spread(r['cpu_ratio'], True)} |")
     if "calibration" in report:
         print("| calibration | pairs/s | throughput ÷ bare, CPU | throughput ÷ bare, wall |\n|---|---|---|---|")
         for name, r in report["calibration"].items():

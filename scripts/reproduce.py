@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from _common import add_model_arguments, load  # noqa: E402
+import torch  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
 import sadi_peft  # noqa: E402
@@ -44,6 +45,13 @@ METHODS = [
 # the authors' grids (sadi-method.md section 4.4), cut to what a 2-core CPU run can afford; gain = 1 + delta
 K_GRID = {"head": [1, 2, 4, 6, 8, 10], "neuron": [3, 10, 30, 100, 300], "hidden": [1, 2, 4, 8, 16]}
 DELTA_GRID = [4.0, 9.0, 14.0, 24.0, 34.0]
+# positions="all" has no prefix cache (every token is steered), so each point costs full forwards: a 3 x 4 grid,
+# with milder gains since every token of the prompt and answer is scaled
+ALL_GRID = {"head": ([1, 4, 10], [0.5, 2.0, 4.0, 9.0]), "neuron": ([3, 30, 300], [0.5, 2.0, 4.0, 9.0]),
+            "hidden": ([1, 4, 16], [0.5, 2.0, 4.0, 9.0])}
+# CAA and ITI add their vector from the last prompt token on ("from_last": CAA's "after the instruction", ITI's
+# answer-only scoring), which also lets their selection reuse the prompt prefix's KV cache
+ADDITIVE_POSITIONS = "from_last"
 CAA_ALPHAS = [-2.0, -1.0, 1.0, 2.0, 4.0, 8.0]
 ITI_GRID = [(k, a) for k in (4, 16, 48) for a in (5.0, 15.0)]
 
@@ -66,11 +74,16 @@ def run_one(args, task, method: str) -> dict:
     split_examples = {s: task.load(s, args.data_dir) for s in ("pairs", "validation", "test")}
     if args.limit:
         split_examples = {s: e[: args.limit] for s, e in split_examples.items()}
-    pairs = task.pairs(select_examples(split_examples["pairs"], min(args.n_pairs, len(split_examples["pairs"])),
-                                       args.seed), seed=args.seed)
-    validation, test = split_examples["validation"], split_examples["test"]
+    available = {s: len(e) for s, e in split_examples.items()}
+    pairs = task.pairs(select_examples(split_examples["pairs"], min(args.n_pairs, available["pairs"]), args.seed),
+                       seed=args.seed)
+    # seeded plain random subsamples (label proportions as in the split) where a split is larger than the cap
+    validation = select_examples(split_examples["validation"], min(args.max_validation, available["validation"]),
+                                 args.seed, balanced=False)
+    test = select_examples(split_examples["test"], min(args.max_test, available["test"]), args.seed, balanced=False)
     record = {"task": task.name, "method": method, "split": "test", "model": "tiny-random" if args.tiny else args.model,
-              "protocol": "choice", "seed": args.seed, "num_pairs": len(pairs), "n_validation": len(validation)}
+              "protocol": "choice", "seed": args.seed, "num_pairs": len(pairs), "n_validation": len(validation),
+              "available": available, "torch_threads": torch.get_num_threads()}
 
     if method == "none":
         result = baselines.evaluate_items(model, tokenizer, test, batch_size=args.batch_size)
@@ -80,7 +93,8 @@ def run_one(args, task, method: str) -> dict:
         model = get_peft_model(model, sadi_peft.SADIConfig(variant=variant, top_k=1, positions=positions))
         units = sum(model.peft_config["default"].unit_counts.values())
         sadi_peft.calibrate(model, tokenizer, pairs, batch_size=args.batch_size, show_progress=False)
-        grid = [(k, d) for k in K_GRID[variant] if k <= units for d in DELTA_GRID]
+        k_grid, delta_grid = (K_GRID[variant], DELTA_GRID) if positions == "last" else ALL_GRID[variant]
+        grid = [(k, d) for k in k_grid if k <= units for d in delta_grid]
         results = grid_search(model, tokenizer, items_of(tokenizer, validation), grid, cached=(positions == "last"),
                               batch_size=args.batch_size, show_progress=False)
         best = max(results, key=lambda r: (r["accuracy"], -r["top_k"], -r["delta"]))
@@ -101,12 +115,13 @@ def run_one(args, task, method: str) -> dict:
             else:
                 base = baselines.fit_fixed_steering(model, tokenizer, pairs, batch_size=args.batch_size)
         elif method == "caa":
-            base = baselines.fit_caa(model, tokenizer, pairs, batch_size=args.batch_size)
+            base = baselines.fit_caa(model, tokenizer, pairs, batch_size=args.batch_size, positions=ADDITIVE_POSITIONS)
             n_layers = base.vectors.shape[0]
             layers = range(0, n_layers, max(1, n_layers // 10))  # about 10 evenly spaced layers
             grid = [(layer, alpha) for layer in layers for alpha in CAA_ALPHAS]
         elif method == "iti":
-            base = baselines.fit_iti(model, tokenizer, pairs, seed=args.seed, batch_size=args.batch_size)
+            base = baselines.fit_iti(model, tokenizer, pairs, seed=args.seed, batch_size=args.batch_size,
+                                     positions=ADDITIVE_POSITIONS)
             grid = [(k, a) for k, a in ITI_GRID if k <= len(base.ranking)]
         else:
             raise ValueError(f"unknown method {method!r}; known: {METHODS}")
@@ -115,7 +130,8 @@ def run_one(args, task, method: str) -> dict:
         with selection.baseline.apply(model):
             result = baselines.evaluate_items(model, tokenizer, test, batch_size=args.batch_size)
         record.update(accuracy=result["accuracy"], n=result["n"], chosen=selection.best,
-                      validation_accuracy=selection.accuracy)
+                      validation_accuracy=selection.accuracy,
+                      grid=[{k: v for k, v in r.items() if k != "scores"} for r in selection.results])
     record["wall_seconds"] = time.perf_counter() - started
     return record
 
@@ -128,11 +144,18 @@ def main() -> int:
     parser.add_argument("--data-dir", default=None, help="task data folder (default: $SADI_DATA_DIR, ../shared/data)")
     parser.add_argument("--n-pairs", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-validation", type=int, default=200,
+                        help="seeded random subsample of the validation split used for selection (default 200)")
+    parser.add_argument("--max-test", type=int, default=500,
+                        help="seeded random subsample of the test split that is scored (default 500)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--limit", type=int, default=None, help="cap every split (smoke runs only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     failures = 0
     for task_name in args.tasks.split(","):
         task = get_task(task_name)

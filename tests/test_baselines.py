@@ -261,7 +261,7 @@ def test_iti_fit_on_the_tiny_model(fitted):
 
 
 # ------------------------------------------------------------------------------------------- selection
-def _select(name, baseline, model, split="validation"):
+def _select(name, baseline, model, split="validation", **kwargs):
     grids = {
         "none": None,
         "random_mask": [(1, 5.0), (4, 40.0), (8, -0.9)],
@@ -269,7 +269,7 @@ def _select(name, baseline, model, split="validation"):
         "caa": [(0, 0.0), (0, 10.0), (1, 30.0), (0, -30.0)],
         "iti": [(1, 10.0), (8, -100.0), (8, -10.0), (4, 100.0)],
     }
-    return baseline.select_on_validation(model, TOK, ITEMS, grids[name], split=split, batch_size=4)
+    return baseline.select_on_validation(model, TOK, ITEMS, grids[name], split=split, batch_size=4, **kwargs)
 
 
 @pytest.mark.parametrize("name", ["none", "random_mask", "fixed", "caa", "iti"])
@@ -337,3 +337,32 @@ def test_bad_arguments():
         B.fit_fixed_steering(get_peft_model(tiny_llama(), sadi_peft.SADIConfig(top_k=1)), TOK, PAIRS)
     with pytest.raises(ValueError, match="grid point"):
         B.fit_caa(model, TOK, PAIRS).select_on_validation(model, TOK, ITEMS, [(1, 2, 3)])
+
+
+@pytest.mark.parametrize("name", ["random_mask", "fixed", "caa", "iti"])
+@pytest.mark.parametrize("regime", ["last", "from_last"])
+def test_prefix_cached_selection_equals_the_naive_one(sadi_model, fitted, name, regime):
+    """With "last" / "from_last" nothing before the last prompt token moves between grid points: the cached
+    selection (prompt prefix run once per batch) scores every point like the full forwards."""
+    baseline = _baselines(fitted)[name]
+    if name == "random_mask":
+        if regime == "from_last":
+            pytest.skip("the random mask follows the SADI adapter's own regime")
+    else:
+        baseline = dataclasses.replace(baseline, positions=regime)
+    before = _logits(sadi_model)
+    naive = _select(name, baseline, sadi_model, cached=False)
+    cached = _select(name, baseline, sadi_model, cached=True)
+    assert [r["accuracy"] for r in cached.results] == [r["accuracy"] for r in naive.results]
+    for a, b in zip(cached.results, naive.results):
+        torch.testing.assert_close(a["scores"], b["scores"], atol=1e-4, rtol=0)
+    assert len({float(r["scores"][r["scores"].isfinite()].sum()) for r in cached.results}) > 1  # points differ
+    assert cached.best == naive.best
+    assert torch.equal(_logits(sadi_model), before)
+
+
+@pytest.mark.parametrize("name", ["fixed", "caa", "iti"])
+def test_cached_selection_refuses_the_all_regime(sadi_model, fitted, name):
+    baseline = dataclasses.replace(_baselines(fitted)[name], positions="all")
+    with pytest.raises(ValueError, match="cached=True needs positions 'last' or 'from_last'"):
+        _select(name, baseline, sadi_model, cached=True)

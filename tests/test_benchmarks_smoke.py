@@ -1,7 +1,7 @@
 """The benchmark scripts run end to end at a tiny size and write the JSON they promise.
 
 Nothing here is timed or compares speeds: the figures come from running the scripts at full size (see
-docs/benchmarks.md). The three scripts run concurrently in subprocesses, with a tiny random model (``--tiny``), one
+benchmarks/README.md). The three scripts run concurrently in subprocesses, with a tiny random model (``--tiny``), one
 round and the smallest inputs, so the whole file stays well under a minute.
 """
 

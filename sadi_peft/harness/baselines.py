@@ -38,9 +38,12 @@ Conventions shared by all of them:
 * **SADI stays off** inside ``apply`` of the additive baselines (``disable_sadi=True``): every
   :class:`~sadi_peft.SADILayer` of the model is disabled for the block and restored after it, so a baseline is never
   mixed with the SADI gain. Other adapters (a LoRA under SADI) stay as they are.
-* **Scoring** for selection is :func:`sadi_peft.harness.search.score_naive` (length-normalised restricted-choice
-  log-likelihood of every option, prompt + option run in full, the prompt end pinned), the same scorer the SADI grid
-  search is checked against. Ties between grid points keep the first one.
+* **Scoring** for selection is length-normalised restricted-choice log-likelihood of every option, the prompt end
+  pinned. With ``positions`` ``"last"`` / ``"from_last"`` (``cached=None``, the default) nothing before the last
+  prompt token changes between grid points, so each batch's prompt prefix runs once and every point only on the
+  last prompt token + options (:func:`sadi_peft.harness.search.score_under`), as in the SADI grid search; with
+  ``"all"`` every point runs prompt + option in full (:func:`sadi_peft.harness.search.score_naive`). Both give the
+  same accuracies (tested). Ties between grid points keep the first one.
 
 Strength conventions: fixed steering uses SADI's ``delta`` as the multiplier of the raw mean difference D; CAA's
 ``alpha`` multiplies the **raw** (unnormalised) mean difference, as in Rimsky et al. 2024 (multipliers such as -1, 1,
@@ -55,6 +58,7 @@ import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -64,7 +68,7 @@ from tqdm.auto import tqdm
 import sadi_peft
 from sadi_peft.architectures import ARCHITECTURES, num_attention_heads
 from sadi_peft.calibration import normalize_pair
-from sadi_peft.harness.search import ChoiceItem, accuracy_of, encode_choice_item, score_naive
+from sadi_peft.harness.search import ChoiceItem, accuracy_of, encode_choice_item, score_naive, score_under
 from sadi_peft.layer import SADILayer, prompt_end_positions
 from sadi_peft.model import _past_length, _tensor_arg as _arg, pinned_prompt_end, resolve_adapter, sadi_layers, transformer_model
 from sadi_peft.tasks import Example, require_selection_split
@@ -421,12 +425,11 @@ def evaluate_items(
     model: nn.Module, tokenizer: Any, items: Sequence[Item], *, batch_size: int = 16, strip_prompt: bool = True
 ) -> dict[str, Any]:
     """Restricted-choice accuracy of ``model`` as it runs now (wrap in a baseline's ``apply``):
-    ``{"accuracy", "n", "scores"}`` with :func:`~sadi_peft.harness.search.score_naive` scores."""
+    ``{"accuracy", "n", "scores"}`` with :func:`~sadi_peft.harness.search.score_naive` scores, ``batch_size``
+    (prompt, option) sequences per forward, sorted by length across the whole set."""
     prepared = prepare_items(tokenizer, items, strip_prompt=strip_prompt)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    parts = [score_naive(model, prepared[i : i + batch_size], pad) for i in range(0, len(prepared), batch_size)]
-    width = max(p.shape[1] for p in parts)
-    scores = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=float("-inf")) for p in parts])
+    scores = score_naive(model, prepared, pad, batch_size=batch_size)
     return {"accuracy": accuracy_of(scores, prepared), "n": len(prepared), "scores": scores}
 
 
@@ -473,17 +476,43 @@ def _select(
     tokenizer: Any,
     items: Sequence[Item],
     points: list[dict[str, Any]],
-    run: Callable[[dict[str, Any]], Any],
+    contexts: Callable[[dict[str, Any]], list[Callable[[], Any]]],
     configured: Callable[[dict[str, Any]], Any],
     *,
+    regime: str,
+    cached: Optional[bool],
     batch_size: int,
     strip_prompt: bool,
     show_progress: bool,
+    stack: bool = False,
 ) -> Selection:
+    """Score every point; ``contexts(point)`` opens the configurations whose mean accuracy is the point's (several
+    seeds of a random mask, else one). ``cached=None`` reuses the prompt prefix's KV cache whenever ``regime`` leaves
+    the tokens before the last prompt token alone (``"last"``, ``"from_last"``)."""
+    cacheable = regime in ("last", "from_last")
+    if cached is None:
+        cached = cacheable
+    elif cached and not cacheable:
+        raise ValueError(f"cached=True needs positions 'last' or 'from_last' (with {regime!r} the prompt prefix is "
+                         "steered too, so its KV cache changes with every point); use cached=False or None.")
     prepared = prepare_items(tokenizer, items, strip_prompt=strip_prompt)
-    results = []
-    for point in tqdm(points, desc=f"{method} selection", disable=not show_progress):
-        accuracy, scores = run(point, prepared)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    per_point = [contexts(point) for point in points]
+    flat = [context for group in per_point for context in group]
+    if cached:
+        flat_scores = score_under(model, prepared, flat, pad_token_id=pad, cached=True, batch_size=batch_size,
+                                  show_progress=show_progress, desc=f"{method} selection")
+    else:
+        flat_scores = []
+        for context in tqdm(flat, desc=f"{method} selection", disable=not show_progress):
+            with context():
+                flat_scores.append(_score(model, tokenizer, prepared, batch_size)[1])
+    results, offset = [], 0
+    for point, group in zip(points, per_point):
+        group_scores = flat_scores[offset : offset + len(group)]
+        offset += len(group)
+        accuracy = sum(accuracy_of(sc, prepared) for sc in group_scores) / len(group_scores)
+        scores = torch.stack(group_scores) if stack else group_scores[0]
         results.append({**point, "accuracy": accuracy, "n": len(prepared), "scores": scores})
     best_index = max(range(len(results)), key=lambda i: (results[i]["accuracy"], -i))  # first maximum
     best = dict(points[best_index])
@@ -519,12 +548,9 @@ class NoIntervention:
         if grid is not None and list(grid) not in ([], [()], [{}]):
             raise ValueError("NoIntervention has no hyperparameters; pass grid=None.")
 
-        def run(point, prepared):
-            with self.apply(model):
-                return _score(model, tokenizer, prepared, batch_size)
-
-        return _select("none", split, model, tokenizer, items, [{}], run, lambda best: self,
-                       batch_size=batch_size, strip_prompt=strip_prompt, show_progress=show_progress)
+        return _select("none", split, model, tokenizer, items, [{}], lambda point: [lambda: self.apply(model)],
+                       lambda best: self, regime="all", cached=False, batch_size=batch_size,
+                       strip_prompt=strip_prompt, show_progress=show_progress)
 
 
 # ================================================================================================ random mask
@@ -613,24 +639,22 @@ class RandomMask:
         batch_size: int = 16,
         strip_prompt: bool = True,
         show_progress: bool = False,
+        cached: Optional[bool] = None,
     ) -> Selection:
         """Grid of ``(k, delta)``; each point's accuracy is the mean over ``seeds`` (default: this mask's seed)."""
         split = require_selection_split(split)
         points = _grid_points(grid, ("k", "delta"))
         seeds = tuple(seeds) if seeds is not None else (self.seed,)
 
-        def run(point, prepared):
-            accs, all_scores = [], []
-            for seed in seeds:
-                with dataclasses.replace(self, k=point["k"], delta=point["delta"], seed=seed).apply(model):
-                    accuracy, scores = _score(model, tokenizer, prepared, batch_size)
-                accs.append(accuracy)
-                all_scores.append(scores)
-            return sum(accs) / len(accs), torch.stack(all_scores)
+        def contexts(point):
+            return [partial(dataclasses.replace(self, k=point["k"], delta=point["delta"], seed=seed).apply, model)
+                    for seed in seeds]
 
-        return _select("random_mask", split, model, tokenizer, items, points, run,
+        _, config = resolve_adapter(model, self.adapter_name)
+        return _select("random_mask", split, model, tokenizer, items, points, contexts,
                        lambda best: dataclasses.replace(self, k=best["k"], delta=best["delta"]),
-                       batch_size=batch_size, strip_prompt=strip_prompt, show_progress=show_progress)
+                       regime=config.positions, cached=cached, batch_size=batch_size, strip_prompt=strip_prompt,
+                       show_progress=show_progress, stack=True)
 
 
 # ================================================================================================ fixed steering
@@ -701,6 +725,7 @@ class FixedSteering:
         batch_size: int = 16,
         strip_prompt: bool = True,
         show_progress: bool = False,
+        cached: Optional[bool] = None,
     ) -> Selection:
         """Grid of ``(k, delta)``."""
         split = require_selection_split(split)
@@ -709,12 +734,9 @@ class FixedSteering:
         def configured(point):
             return dataclasses.replace(self, top_k=point["k"], delta=float(point["delta"]))
 
-        def run(point, prepared):
-            with configured(point).apply(model):
-                return _score(model, tokenizer, prepared, batch_size)
-
-        return _select("fixed_steering", split, model, tokenizer, items, points, run, configured,
-                       batch_size=batch_size, strip_prompt=strip_prompt, show_progress=show_progress)
+        return _select("fixed_steering", split, model, tokenizer, items, points,
+                       lambda point: [partial(configured(point).apply, model)], configured, regime=self.positions,
+                       cached=cached, batch_size=batch_size, strip_prompt=strip_prompt, show_progress=show_progress)
 
 
 def fit_fixed_steering(
@@ -806,6 +828,7 @@ class CAA:
         batch_size: int = 16,
         strip_prompt: bool = True,
         show_progress: bool = False,
+        cached: Optional[bool] = None,
     ) -> Selection:
         """Grid of ``(layer, alpha)``; default every recorded layer x alpha in {-2, -1, 1, 2, 4, 8}."""
         split = require_selection_split(split)
@@ -817,12 +840,9 @@ class CAA:
         def configured(point):
             return dataclasses.replace(self, layer=int(point["layer"]), alpha=float(point["alpha"]))
 
-        def run(point, prepared):
-            with configured(point).apply(model):
-                return _score(model, tokenizer, prepared, batch_size)
-
-        return _select("caa", split, model, tokenizer, items, points, run, configured,
-                       batch_size=batch_size, strip_prompt=strip_prompt, show_progress=show_progress)
+        return _select("caa", split, model, tokenizer, items, points,
+                       lambda point: [partial(configured(point).apply, model)], configured, regime=self.positions,
+                       cached=cached, batch_size=batch_size, strip_prompt=strip_prompt, show_progress=show_progress)
 
 
 def fit_caa(
@@ -988,6 +1008,7 @@ class ITI:
         batch_size: int = 16,
         strip_prompt: bool = True,
         show_progress: bool = False,
+        cached: Optional[bool] = None,
     ) -> Selection:
         """Grid of ``(k, alpha)``; default K in {1, 2, 4, ..., 64} (up to the number of heads) x alpha in
         {1, 5, 10, 15, 20}."""
@@ -1000,12 +1021,9 @@ class ITI:
         def configured(point):
             return dataclasses.replace(self, k=int(point["k"]), alpha=float(point["alpha"]))
 
-        def run(point, prepared):
-            with configured(point).apply(model):
-                return _score(model, tokenizer, prepared, batch_size)
-
-        return _select("iti", split, model, tokenizer, items, points, run, configured,
-                       batch_size=batch_size, strip_prompt=strip_prompt, show_progress=show_progress)
+        return _select("iti", split, model, tokenizer, items, points,
+                       lambda point: [partial(configured(point).apply, model)], configured, regime=self.positions,
+                       cached=cached, batch_size=batch_size, strip_prompt=strip_prompt, show_progress=show_progress)
 
 
 def fit_iti(

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional
+from functools import partial
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 import sadi_peft
+from sadi_peft.tasks.protocols import score_token_rows
 
 logger = logging.getLogger(__name__)
 
@@ -68,27 +71,14 @@ def _collect(items, rows, row_scores) -> torch.Tensor:
     return scores
 
 
-def score_naive(model, items: Sequence[ChoiceItem], pad_token_id: int) -> torch.Tensor:
-    """[n_items, max_options] mean option log-probs, each prompt + option run in full (right padding)."""
+def score_naive(model, items: Sequence[ChoiceItem], pad_token_id: int, batch_size: Optional[int] = None) -> torch.Tensor:
+    """[n_items, max_options] mean option log-probs, each prompt + option run in full: (prompt, option) rows sorted
+    by length, ``batch_size`` rows per forward (default: all in one), left padding, logits projected only at the
+    option positions (:func:`sadi_peft.tasks.protocols.score_token_rows`)."""
     rows = _rows(items)
-    seqs = [items[i].prompt_ids + items[i].option_ids[j] for i, j in rows]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    prompt_mask = torch.zeros_like(ids)
-    for r, ((i, _), seq) in enumerate(zip(rows, seqs)):
-        ids[r, : len(seq)] = torch.tensor(seq)
-        mask[r, : len(seq)] = 1
-        prompt_mask[r, : len(items[i].prompt_ids)] = 1
-    device = _device(model)
-    with torch.no_grad(), sadi_peft.prompt_boundary(model, prompt_mask.to(device)):
-        logprobs = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
-    out = []
-    for r, (i, j) in enumerate(rows):
-        n, option = len(items[i].prompt_ids), items[i].option_ids[j]
-        positions = torch.arange(n - 1, n - 1 + len(option))
-        out.append(float(logprobs[r, positions, torch.tensor(option)].mean()))
-    return _collect(items, rows, out)
+    token_rows = [(items[i].prompt_ids, items[i].option_ids[j]) for i, j in rows]
+    logprobs = score_token_rows(model, token_rows, pad_token_id=pad_token_id, batch_size=batch_size or len(token_rows))
+    return _collect(items, rows, [float(lp.mean()) for lp in logprobs])
 
 
 class CachedBatch:
@@ -121,7 +111,9 @@ class CachedBatch:
         self.cache = None
         if L > 0:
             positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0).to(device)
-            with torch.no_grad(), model.disable_adapter():  # tokens before the last prompt token are never steered
+            # the prompt end is pinned past the prefix: no gain or hook-based baseline touches these tokens, and
+            # every other adapter (a LoRA under the SADI adapter) stays active, as it is for the suffix
+            with torch.no_grad(), sadi_peft.prompt_boundary(model, self.pin):
                 out = model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
                             position_ids=positions, use_cache=True)
             self.cache = out.past_key_values
@@ -150,6 +142,41 @@ def accuracy_of(scores: torch.Tensor, items: Sequence[ChoiceItem]) -> float:
     return float((scores.argmax(-1) == labels).float().mean())
 
 
+def concat_scores(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack per-batch ``[n, options]`` score blocks into one, padding missing options with ``-inf``."""
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=float("-inf")) for p in parts])
+
+
+def score_under(
+    model,
+    items: Sequence[ChoiceItem],
+    contexts: Sequence[Callable[[], ContextManager[Any]]],
+    *,
+    pad_token_id: int,
+    cached: bool,
+    batch_size: int = 16,
+    show_progress: bool = False,
+    desc: str = "grid search",
+) -> list[torch.Tensor]:
+    """Scores of ``items`` under each intervention: ``contexts[g]()`` opens grid point ``g`` (sets a mask and delta,
+    registers a baseline's hooks ...) for the forwards run inside it. Returns one ``[n_items, options]`` tensor per
+    point.
+
+    ``cached=True`` runs each batch's prompt prefix once, with no intervention, and every point only on the last
+    prompt token + options: valid only when no point changes the tokens before the last prompt token (a SADI
+    adapter with ``positions="last"``, an additive baseline with ``"last"`` or ``"from_last"``). The caller checks.
+    """
+    parts: list[list[torch.Tensor]] = [[] for _ in contexts]
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    for batch in tqdm(batches, desc=desc, disable=not show_progress):
+        prepared = CachedBatch(model, batch, pad_token_id) if cached else None
+        for g, context in enumerate(contexts):
+            with context():
+                parts[g].append(prepared.score() if cached else score_naive(model, batch, pad_token_id))
+    return [concat_scores(p) for p in parts]
+
+
 def grid_search(
     model,
     tokenizer,
@@ -163,41 +190,35 @@ def grid_search(
 ) -> list[dict[str, Any]]:
     """Accuracy of every (K, delta) grid point on ``items`` (a validation split: choose on it, never on test).
 
-    ``model`` carries a calibrated ``positions="last"`` SADI adapter (its stored scores are re-cut for each K).
-    Returns one dict per grid point: ``top_k``, ``delta``, ``accuracy``, ``n``; the adapter is left at the last
-    grid point.
+    ``model`` carries a calibrated SADI adapter (its stored scores are re-cut for each K); ``cached=True`` needs
+    ``positions="last"``. Returns one dict per grid point: ``top_k``, ``delta``, ``accuracy``, ``n``, ``scores``; the
+    adapter is left at the last grid point.
     """
     name, config = sadi_peft.model.resolve_adapter(model, adapter_name)
     if cached and config.positions != "last":
         raise ValueError("The prefix-cached search needs positions='last' (with 'all' every token is steered); "
                          "use cached=False.")
+    if not grid:
+        raise ValueError("The grid is empty: give at least one (top_k, delta) point.")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    all_scores: list[list[torch.Tensor]] = [[] for _ in grid]
     masks = {}
     for k in sorted({k for k, _ in grid}):  # cut each K's mask once, then copy it in per grid point
         sadi_peft.apply_top_k(model, k, adapter_name=name)
         masks[k] = [layer.sadi_mask[name].clone() for _, layer in sadi_peft.model.sadi_layers(model, name)]
     layers = [layer for _, layer in sadi_peft.model.sadi_layers(model, name)]
 
-    def set_point(k: int, delta: float) -> None:
+    @contextmanager
+    def point(k: int, delta: float) -> Iterator[None]:
         for layer, mask in zip(layers, masks[k]):
             layer.sadi_mask[name].copy_(mask)
         sadi_peft.set_delta(model, delta, adapter_name=name)
+        yield
 
-    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    for batch in tqdm(batches, desc="grid search", disable=not show_progress):
-        prepared = CachedBatch(model, batch, pad) if cached else None
-        for g, (k, delta) in enumerate(grid):
-            set_point(k, delta)
-            all_scores[g].append(prepared.score() if cached else score_naive(model, batch, pad))
+    scores = score_under(model, items, [partial(point, k, d) for k, d in grid], pad_token_id=pad, cached=cached,
+                         batch_size=batch_size, show_progress=show_progress)
     config.top_k = grid[-1][0]
-    results = []
-    for g, (k, delta) in enumerate(grid):
-        width = max(s.shape[1] for s in all_scores[g])
-        scores = torch.cat([torch.nn.functional.pad(s, (0, width - s.shape[1]), value=float("-inf")) for s in all_scores[g]])
-        results.append({"top_k": k, "delta": delta, "accuracy": accuracy_of(scores, items), "n": len(items),
-                        "scores": scores})
-    return results
+    return [{"top_k": k, "delta": d, "accuracy": accuracy_of(s, items), "n": len(items), "scores": s}
+            for (k, d), s in zip(grid, scores)]
 
 
 def timed_grid_search(*args, **kwargs) -> tuple[list[dict[str, Any]], float]:

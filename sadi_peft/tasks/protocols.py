@@ -159,15 +159,16 @@ class AnswerScore:
 class _Forward:
     """Batched teacher-forced passes on prompt + answer rows (left padding, explicit positions, pinned prompt end)."""
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Any, pad_token_id: int, pin: Optional[bool] = None) -> None:
         self.model = model
         self.runner = _runner(model)
-        self.steer = _has_sadi(self.runner)
+        # pin the prompt end for SADI adapters (and, with pin=True, for hook-based baselines that read the pin)
+        self.steer = _has_sadi(self.runner) if pin is None else pin
         params = inspect.signature(self.runner.forward).parameters
         self.takes_positions = "position_ids" in params
         self.takes_keep = "logits_to_keep" in params
         self.takes_cache = "use_cache" in params
-        self.pad = _pad_id(tokenizer)
+        self.pad = pad_token_id
         self.device = _device(self.runner)
 
     def run(
@@ -249,12 +250,30 @@ def score_answers(
     """Teacher-forced scores of ``answers[i]`` after ``prompts[i]`` (see the module docstring for batching/steering)."""
     if len(prompts) != len(answers):
         raise ValueError(f"Got {len(prompts)} prompts but {len(answers)} answers.")
-    forward = _Forward(model, tokenizer)
+    forward = _Forward(model, _pad_id(tokenizer))
     rows = [
         (_encode_prompt(tokenizer, p, strip_prompt), _encode_answer(tokenizer, a), []) for p, a in zip(prompts, answers)
     ]
     with _EvalMode(model):
         return forward.run(rows, _check_batch_size(batch_size), progress)
+
+
+def score_token_rows(
+    model: Any,
+    rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    pad_token_id: int,
+    batch_size: int = 16,
+) -> list[torch.Tensor]:
+    """Log-probabilities of each row's answer ids after its prompt ids (already tokenized), batched like
+    :func:`score_answers`; the prompt end is always pinned, so hook-based baselines steer the prompt's last token too."""
+    rows = [(list(p), list(a), []) for p, a in rows]
+    for i, (p_ids, a_ids, _) in enumerate(rows):
+        if not p_ids or not a_ids:
+            raise ValueError(f"row {i}: prompt and answer need at least one token each (got {len(p_ids)}, {len(a_ids)}).")
+    forward = _Forward(model, int(pad_token_id), pin=True)
+    with _EvalMode(model):
+        return [score.token_logprobs for score in forward.run(rows, _check_batch_size(batch_size))]
 
 
 def generate_answers(
@@ -313,7 +332,7 @@ def _choice_protocol(
     model: Any, tokenizer: Any, examples: Sequence[Example], batch_size: int, length_normalize: bool,
     strip_prompt: bool, progress: bool,
 ) -> list[list[float]]:
-    forward = _Forward(model, tokenizer)
+    forward = _Forward(model, _pad_id(tokenizer))
     rows: list[tuple[list[int], list[int], list[int]]] = []
     plan: list[tuple[str, int, int]] = []  # (kind, first row, number of rows) per example
     cache: dict[str, list[int]] = {}
@@ -418,7 +437,7 @@ def evaluate(
         return result
 
     if protocol == "argmax":
-        forward = _Forward(model, tokenizer)
+        forward = _Forward(model, _pad_id(tokenizer))
         rows = [(_encode_prompt(tokenizer, ex.prompt, strip_prompt), _encode_answer(tokenizer, ex.gold), [])
                 for ex in examples]
         with _EvalMode(model):
