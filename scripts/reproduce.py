@@ -69,7 +69,7 @@ def items_of(tokenizer, examples):
 
 
 def run_one(args, task, method: str) -> dict:
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     model, tokenizer = load(args)
     split_examples = {s: task.load(s, args.data_dir) for s in ("pairs", "validation", "test")}
     if args.limit:
@@ -101,6 +101,8 @@ def run_one(args, task, method: str) -> dict:
         sadi_peft.apply_top_k(model, best["top_k"])
         sadi_peft.set_delta(model, best["delta"])
         result = baselines.evaluate_items(model, tokenizer, test, batch_size=args.batch_size)
+        if args.save_adapters:  # the chosen adapter, before the result file that vouches for it
+            model.save_pretrained(args.out / task.name / f"{method}.adapter")
         record.update(accuracy=result["accuracy"], n=result["n"],
                       chosen={"top_k": best["top_k"], "delta": best["delta"]}, validation_accuracy=best["accuracy"],
                       grid=[{"top_k": r["top_k"], "delta": r["delta"], "accuracy": r["accuracy"]} for r in results])
@@ -133,6 +135,7 @@ def run_one(args, task, method: str) -> dict:
                       validation_accuracy=selection.accuracy,
                       grid=[{k: v for k, v in r.items() if k != "scores"} for r in selection.results])
     record["wall_seconds"] = time.perf_counter() - started
+    record["cpu_seconds"] = time.process_time() - cpu_started  # the steadier clock on a shared machine
     return record
 
 
@@ -149,6 +152,8 @@ def main() -> int:
     parser.add_argument("--max-test", type=int, default=500,
                         help="seeded random subsample of the test split that is scored (default 500)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-save-adapters", dest="save_adapters", action="store_false",
+                        help="do not save the chosen SADI adapters (default: <out>/<task>/<method>.adapter/)")
     parser.add_argument("--limit", type=int, default=None, help="cap every split (smoke runs only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)

@@ -66,3 +66,24 @@ def test_fit_search_eval_report_plot(tmp_path, smollm2_path, data_dir):
 
     plot = cli("plot", "fitted", cwd=tmp_path)
     assert plot.returncode == 0 and (tmp_path / "fitted" / "scores.png").stat().st_size > 0
+
+
+def test_report_flags_partial_averages_and_lists_the_chosen_hyperparameters(tmp_path):
+    from sadi_peft.cli import report
+
+    def result(task, method, accuracy, **extra):
+        path = tmp_path / task / f"{method}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"task": task, "method": method, "split": "test", "accuracy": accuracy, "n": 4,
+                                    **extra}))
+
+    result("copa", "none", 0.5)
+    result("sst2", "none", 0.75)
+    result("copa", "sadi-head-last", 1.0, chosen={"top_k": 2, "delta": 9.0}, validation_accuracy=0.5, cpu_seconds=3.2)
+    (tmp_path / "copa" / "grid.json").write_text("[]")  # not a result: ignored
+    table = report.collect([tmp_path], "test")
+    text = report.markdown(table)
+    assert "| none | 50.00 (n=4) | 75.00 (n=4) | 62.50 |" in text
+    assert "| sadi-head-last | 100.00 (n=4) | – | 100.00 (1 of 2 tasks) |" in text
+    assert text.index("| none |") < text.index("| sadi-head-last |")
+    assert "| copa | sadi-head-last | top_k=2, delta=9 | 50.00 |" in report.details(table)

@@ -640,3 +640,28 @@ def test_set_delta_changes_the_gain_and_validates():
     assert torch.equal(logits(model), before)
     with pytest.raises(ValueError, match=r"delta=-1 is invalid"):
         sadi_peft.set_delta(model, -1)
+
+
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_layers_with_an_empty_mask_follow_every_later_change(positions):
+    """A wrapped layer whose mask is empty skips straight to its base layer (the decode-step fast path); editing
+    the mask in place, replacing it, changing delta, switching adapters or disabling them must still take effect."""
+    model = steered(positions=positions, top_k=1)
+    layers = [layer for _, layer in sadi_peft.model.sadi_layers(model, "default")]
+    empty = next(layer for layer in layers if not bool(layer.sadi_mask["default"].any()))
+    before = logits(model)
+    assert torch.equal(logits(model), before)  # the cache is warm now
+    empty.sadi_mask["default"][0] = True  # in place
+    edited = logits(model)
+    assert not torch.equal(edited, before)
+    empty.sadi_mask["default"][0] = False
+    torch.testing.assert_close(logits(model), before, atol=0, rtol=0)
+    empty.sadi_mask["default"] = torch.ones_like(empty.sadi_mask["default"])  # replaced
+    assert not torch.equal(logits(model), before)
+    empty.sadi_mask["default"] = torch.zeros_like(empty.sadi_mask["default"])
+    torch.testing.assert_close(logits(model), before, atol=0, rtol=0)
+    with model.disable_adapter():
+        plain = logits(model)
+    assert not torch.equal(plain, before)
+    sadi_peft.set_delta(model, 0.0)
+    torch.testing.assert_close(logits(model), plain, atol=0, rtol=0)

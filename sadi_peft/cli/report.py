@@ -17,6 +17,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("paths", nargs="+", type=Path, help="result JSON files or folders")
     parser.add_argument("--split", default="test", help="only results of this split")
+    parser.add_argument("--details", action="store_true",
+                        help="add a second table: chosen hyperparameters, validation accuracy, sizes, seed, times")
     parser.add_argument("--out", type=Path, default=None, help="write the table here (default: print it)")
     parser.set_defaults(func=run)
 
@@ -36,15 +38,46 @@ def collect(paths: list[Path], split: str) -> dict[str, dict[str, dict]]:
     return table
 
 
+METHOD_ORDER = ["none", "sadi-head-last", "sadi-head-all", "sadi-neuron-last", "sadi-neuron-all", "sadi-hidden-last",
+                "sadi-hidden-all", "random-head", "fixed-head", "caa", "iti"]
+
+
+def _method_key(method: str) -> tuple:
+    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+
+
 def markdown(table: dict[str, dict[str, dict]]) -> str:
+    """Accuracy (%) per method x task; the average is over the tasks the row has, flagged when that is not all."""
     tasks = sorted({task for row in table.values() for task in row})
     lines = ["| method | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
-    for method in sorted(table, key=lambda m: (m != "none", m)):
+    for method in sorted(table, key=_method_key):
         row = table[method]
         cells = [f"{100 * row[t]['accuracy']:.2f} (n={row[t]['n']})" if t in row else "–" for t in tasks]
         values = [row[t]["accuracy"] for t in tasks if t in row]
         average = f"{100 * sum(values) / len(values):.2f}" if values else "–"
+        if values and len(values) < len(tasks):
+            average += f" ({len(values)} of {len(tasks)} tasks)"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {average} |")
+    return "\n".join(lines) + "\n"
+
+
+def _chosen(result: dict) -> str:
+    chosen = result.get("chosen") or {}
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in chosen.items()) or "–"
+
+
+def details(table: dict[str, dict[str, dict]]) -> str:
+    """One line per (task, method): chosen hyperparameters, validation accuracy and size, pairs, seed, times."""
+    lines = ["| task | method | chosen on validation | validation acc. | n validation | pairs | seed | test n | "
+             "CPU s | wall s |", "|---" * 10 + "|"]
+    rows = [(task, method, result) for method, row in table.items() for task, result in row.items()]
+    for task, method, r in sorted(rows, key=lambda x: (x[0], _method_key(x[1]))):
+        val = r.get("validation_accuracy")
+        cells = [task, method, _chosen(r), f"{100 * val:.2f}" if val is not None else "–",
+                 str(r.get("n_validation", "–")), str(r.get("num_pairs", "–")), str(r.get("seed", "–")), str(r["n"]),
+                 f"{r['cpu_seconds']:.0f}" if "cpu_seconds" in r else "–",
+                 f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -53,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     if not table:
         raise ValueError(f"no `sadi-peft eval` results for split {args.split!r} under {[str(p) for p in args.paths]}")
     text = markdown(table)
+    if args.details:
+        text += "\n" + details(table)
     if args.out:
         args.out.write_text(text, encoding="utf-8")
         print(f"wrote {args.out}")
