@@ -68,6 +68,29 @@ def items_of(tokenizer, examples):
     return [encode_choice_item(tokenizer, e.prompt, e.choices, e.label) for e in examples]
 
 
+_CALIBRATION_CACHE: dict[tuple[str, str], tuple[list[torch.Tensor], dict]] = {}
+
+
+def calibrated(args, task, model, tokenizer, pairs, variant: str, positions: str):
+    """``model`` with a SADI adapter of ``variant`` / ``positions`` calibrated on ``pairs``. Calibration ignores the
+    position regime and is deterministic, so its scores are computed once per (task, variant) in this process and
+    copied into later adapters."""
+    model = get_peft_model(model, sadi_peft.SADIConfig(variant=variant, top_k=1, positions=positions))
+    layers = [layer for _, layer in sadi_peft.model.sadi_layers(model, "default")]
+    key = (task.name, variant)
+    if key not in _CALIBRATION_CACHE:
+        sadi_peft.calibrate(model, tokenizer, pairs, batch_size=args.batch_size, show_progress=False)
+        _CALIBRATION_CACHE[key] = ([layer.sadi_scores["default"].clone() for layer in layers],
+                                   dict(model.peft_config["default"].calibration or {}))
+        return model
+    scores, record = _CALIBRATION_CACHE[key]
+    for layer, score in zip(layers, scores):
+        layer.sadi_scores["default"].copy_(score)
+    model.peft_config["default"].calibration = dict(record)
+    sadi_peft.apply_top_k(model, 1)
+    return model
+
+
 def run_one(args, task, method: str) -> dict:
     started, cpu_started = time.perf_counter(), time.process_time()
     model, tokenizer = load(args)
@@ -90,9 +113,8 @@ def run_one(args, task, method: str) -> dict:
         record.update(accuracy=result["accuracy"], n=result["n"], chosen={})
     elif method.startswith("sadi-"):
         _, variant, positions = method.split("-")
-        model = get_peft_model(model, sadi_peft.SADIConfig(variant=variant, top_k=1, positions=positions))
+        model = calibrated(args, task, model, tokenizer, pairs, variant, positions)
         units = sum(model.peft_config["default"].unit_counts.values())
-        sadi_peft.calibrate(model, tokenizer, pairs, batch_size=args.batch_size, show_progress=False)
         k_grid, delta_grid = (K_GRID[variant], DELTA_GRID) if positions == "last" else ALL_GRID[variant]
         grid = [(k, d) for k in k_grid if k <= units for d in delta_grid]
         results = grid_search(model, tokenizer, items_of(tokenizer, validation), grid, cached=(positions == "last"),
@@ -108,8 +130,10 @@ def run_one(args, task, method: str) -> dict:
                       grid=[{"top_k": r["top_k"], "delta": r["delta"], "accuracy": r["accuracy"]} for r in results])
     else:
         if method in ("random-head", "fixed-head"):
-            model = get_peft_model(model, sadi_peft.SADIConfig(variant="head", top_k=1, positions="last"))
-            sadi_peft.calibrate(model, tokenizer, pairs, batch_size=args.batch_size, show_progress=False)
+            if method == "random-head":  # the random mask ignores the calibration scores
+                model = get_peft_model(model, sadi_peft.SADIConfig(variant="head", top_k=1, positions="last"))
+            else:
+                model = calibrated(args, task, model, tokenizer, pairs, "head", "last")
             units = sum(model.peft_config["default"].unit_counts.values())
             grid = [(k, d) for k in K_GRID["head"] if k <= units for d in DELTA_GRID]
             if method == "random-head":
