@@ -33,10 +33,11 @@ import sadi_peft  # noqa: E402
 from sadi_peft.harness import baselines  # noqa: E402
 from sadi_peft.harness.search import encode_choice_item, grid_search  # noqa: E402
 from sadi_peft.tasks import get_task, select_examples  # noqa: E402
+from sadi_peft.tasks.protocols import mc2  # noqa: E402
 
 logger = logging.getLogger("reproduce")
 
-TASKS = ["copa", "sst2", "boolq", "arc_easy", "arc_challenge", "mmlu", "truthfulqa_mc1", "winogrande"]
+TASKS = ["copa", "sst2", "boolq", "arc_easy", "arc_challenge", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2", "winogrande"]
 METHODS = [
     "none",
     *[f"sadi-{v}-{p}" for v in ("head", "neuron", "hidden") for p in ("last", "all")],
@@ -66,6 +67,19 @@ def write_json(path: Path, payload: dict) -> None:
 
 def items_of(tokenizer, examples):
     return [encode_choice_item(tokenizer, e.prompt, e.choices, e.label) for e in examples]
+
+
+def task_metric(task, examples, scores: torch.Tensor) -> float:
+    """The task's metric from ``[n, options]`` choice scores (``[seeds, n, options]``: mean over seeds): TruthfulQA
+    MC2 (probability mass on the true options) for ``truthfulqa_mc2``, else accuracy."""
+    if scores.dim() == 3:
+        return sum(task_metric(task, examples, s) for s in scores) / scores.shape[0]
+    if task.metric == "mc2":
+        values = [mc2([float(x) for x in row[: len(ex.choices)]], ex.true_labels or (ex.label,))
+                  for ex, row in zip(examples, scores)]
+        return sum(values) / len(values)
+    labels = torch.tensor([ex.label for ex in examples])
+    return float((scores.argmax(-1) == labels).float().mean())
 
 
 _CALIBRATION_CACHE: dict[tuple[str, str], tuple[list[torch.Tensor], dict]] = {}
@@ -105,12 +119,12 @@ def run_one(args, task, method: str) -> dict:
                                  args.seed, balanced=False)
     test = select_examples(split_examples["test"], min(args.max_test, available["test"]), args.seed, balanced=False)
     record = {"task": task.name, "method": method, "split": "test", "model": "tiny-random" if args.tiny else args.model,
-              "protocol": "choice", "seed": args.seed, "num_pairs": len(pairs), "n_validation": len(validation),
+              "protocol": "choice", "metric": task.metric, "seed": args.seed, "num_pairs": len(pairs), "n_validation": len(validation),
               "available": available, "torch_threads": torch.get_num_threads()}
 
     if method == "none":
         result = baselines.evaluate_items(model, tokenizer, test, batch_size=args.batch_size)
-        record.update(accuracy=result["accuracy"], n=result["n"], chosen={})
+        record.update(accuracy=task_metric(task, test, result["scores"]), n=result["n"], chosen={})
     elif method.startswith("sadi-"):
         _, variant, positions = method.split("-")
         model = calibrated(args, task, model, tokenizer, pairs, variant, positions)
@@ -119,15 +133,17 @@ def run_one(args, task, method: str) -> dict:
         grid = [(k, d) for k in k_grid if k <= units for d in delta_grid]
         results = grid_search(model, tokenizer, items_of(tokenizer, validation), grid, cached=(positions == "last"),
                               batch_size=args.batch_size, show_progress=False)
-        best = max(results, key=lambda r: (r["accuracy"], -r["top_k"], -r["delta"]))
+        for r in results:
+            r["metric"] = task_metric(task, validation, r["scores"])
+        best = max(results, key=lambda r: (r["metric"], -r["top_k"], -r["delta"]))
         sadi_peft.apply_top_k(model, best["top_k"])
         sadi_peft.set_delta(model, best["delta"])
         result = baselines.evaluate_items(model, tokenizer, test, batch_size=args.batch_size)
         if args.save_adapters:  # the chosen adapter, before the result file that vouches for it
             model.save_pretrained(args.out / task.name / f"{method}.adapter")
-        record.update(accuracy=result["accuracy"], n=result["n"],
-                      chosen={"top_k": best["top_k"], "delta": best["delta"]}, validation_accuracy=best["accuracy"],
-                      grid=[{"top_k": r["top_k"], "delta": r["delta"], "accuracy": r["accuracy"]} for r in results])
+        record.update(accuracy=task_metric(task, test, result["scores"]), n=result["n"],
+                      chosen={"top_k": best["top_k"], "delta": best["delta"]}, validation_accuracy=best["metric"],
+                      grid=[{"top_k": r["top_k"], "delta": r["delta"], "accuracy": r["metric"]} for r in results])
     else:
         if method in ("random-head", "fixed-head"):
             if method == "random-head":  # the random mask ignores the calibration scores
@@ -153,11 +169,19 @@ def run_one(args, task, method: str) -> dict:
             raise ValueError(f"unknown method {method!r}; known: {METHODS}")
         selection = base.select_on_validation(model, tokenizer, validation, grid, "validation",
                                               batch_size=args.batch_size)
+        points = selection.results
+        values = [task_metric(task, validation, r["scores"]) for r in points]
+        best_index = values.index(max(values))  # first maximum, as the selection does for accuracy
+        if task.metric != "accuracy":  # the baseline configured at the best point of the task's own metric
+            point = {k: v for k, v in points[best_index].items() if k not in ("accuracy", "n", "scores")}
+            selection = base.select_on_validation(model, tokenizer, validation[:1], [point], "validation",
+                                                  batch_size=args.batch_size)
         with selection.baseline.apply(model):
             result = baselines.evaluate_items(model, tokenizer, test, batch_size=args.batch_size)
-        record.update(accuracy=result["accuracy"], n=result["n"], chosen=selection.best,
-                      validation_accuracy=selection.accuracy,
-                      grid=[{k: v for k, v in r.items() if k != "scores"} for r in selection.results])
+        grid_rows = [{k: v for k, v in r.items() if k not in ("scores", "accuracy")} | {"accuracy": value}
+                     for r, value in zip(points, values)]
+        record.update(accuracy=task_metric(task, test, result["scores"]), n=result["n"], chosen=selection.best,
+                      validation_accuracy=values[best_index], grid=grid_rows)
     record["wall_seconds"] = time.perf_counter() - started
     record["cpu_seconds"] = time.process_time() - cpu_started  # the steadier clock on a shared machine
     return record

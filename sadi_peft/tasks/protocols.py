@@ -361,6 +361,12 @@ def _choice_protocol(
     return scores
 
 
+def mc2(scores: Sequence[float], true_labels: Sequence[int]) -> float:
+    """TruthfulQA MC2 of one question: the probability mass of the true options after a softmax over the options'
+    scores (log-likelihoods, length-normalised or not, as the caller scored them)."""
+    return _mc2(scores, true_labels)
+
+
 def _mc2(scores: Sequence[float], true_labels: Sequence[int]) -> float:
     top = max(scores)
     weights = [math.exp(s - top) for s in scores]
