@@ -5,6 +5,12 @@
 handle SADI adapters like any other.
 """
 
+from ._versions import check_versions as _check_versions
+
+# Before torch/transformers/peft are imported: a version outside the supported range is one clear ImportError here,
+# not a crash deep inside PEFT or transformers (see sadi_peft/_versions.py).
+_check_versions()
+
 from .architectures import ARCHITECTURES, ArchitectureSpec, supported_model_types
 from .calibration import CalibrationResult, apply_top_k, calibrate
 from .config import SADIConfig, SADIPeftType
