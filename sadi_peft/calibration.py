@@ -14,9 +14,10 @@ across all layers at once. Only running sums are kept, so memory does not grow w
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Optional, Union
@@ -194,34 +195,36 @@ def calibrate(
             NCCL on GPUs) each process passes its own shard of the pairs, and the running sums and pair counts are
             all-reduced, so every process ends with exactly the scores of one process over all pairs. ``None``
             (default): do so whenever a process group with more than one process is initialised. Processes with a
-            different adapter, variant or model shape are refused before any statistics are mixed.
+            different adapter, variant or model shape are refused before any statistics are mixed. A process whose
+            checks or pairs fail tells the others, which then raise a ``RuntimeError`` / ``ValueError`` naming it;
+            a process that dies or falls silent makes the others raise once gloo/NCCL notice (a closed connection
+            at once, else the process group's ``timeout``). Every process keeps its previous mask on any failure.
+
+    Weights left on the ``meta`` device with no accelerate offload hook to load them are refused up front
+    (:func:`check_materialised`); a model split by ``device_map`` (CPU RAM / disk offload) is fine.
 
     The scores are stored in the adapter (``sadi_scores``) and saved with it; :func:`apply_top_k` re-cuts the mask
     for another K without running the pairs again. On any error the adapter's previous mask and scores are kept.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is invalid: expected an integer >= 1.")
-    name, config = resolve_adapter(model, adapter_name)
-    layers = sadi_layers(model, name)
-    if not layers:
-        raise ValueError(f"SADI adapter {name!r} is not injected in this model (no SADI layer holds it).")
-    if batch_size > 1 and tokenizer.pad_token_id is None:
-        raise ValueError(
-            "The tokenizer has no pad token, which batched calibration needs. Set one, e.g. "
-            "tokenizer.pad_token = tokenizer.eos_token (padded positions are masked out), or use batch_size=1."
-        )
-    if any(layer.disable_adapters for _, layer in layers):
-        raise ValueError(
-            f"SADI adapter {name!r} is disabled (inside disable_adapter() or after disable_adapters()); enable it "
-            "before calibrating so that the mask lands on the adapter that will run."
-        )
-    if any(name in layer.merged_adapters for _, layer in layers):
-        raise ValueError(f"SADI adapter {name!r} is merged into the weights; unmerge it before calibrating.")
+    group = _process_group(distributed)
+    try:  # local checks; with a process group, every process learns whether the others passed theirs
+        name, config, layers, sites = _checked_adapter(model, tokenizer, batch_size, adapter_name)
+        local_error: Optional[Exception] = None
+    except (ValueError, TypeError) as error:
+        if group is None:
+            raise
+        name, config, layers, sites, local_error = "", None, [], [], error
+    unit_counts = {layer_name: layer.num_units(name) for layer_name, layer in layers}
+    if group is not None:
+        setup = None if config is None else {
+            "variant": config.variant, "positions": config.positions, "neuron_statistic": config.neuron_statistic,
+            "unit_counts": sorted(unit_counts.items())}
+        agree_across_processes(group, setup, local_error, what="Distributed calibration")
+    if local_error is not None or config is None:  # not reached: agree_across_processes raised it
+        raise local_error or RuntimeError("calibration setup failed")
     inner = transformer_model(model)
     max_positions = getattr(getattr(inner, "config", None), "max_position_embeddings", None)
-    unit_counts = {layer_name: layer.num_units(name) for layer_name, layer in layers}
     recorder = _Recorder(config.variant, unit_counts)
-    sites = _recording_sites(model, config, layers)
 
     saved = {layer_name: (layer.sadi_mask[name].clone(), layer.sadi_scores[name].clone()) for layer_name, layer in layers}
     handles = []
@@ -230,12 +233,11 @@ def calibrate(
     extra = {"use_cache": False} if "use_cache" in forward_params else {}
     if "logits_to_keep" in forward_params:
         extra["logits_to_keep"] = 1
-    device = next(inner.parameters()).device
+    device = input_device(inner)
     total = None
     if hasattr(pairs, "__len__"):
         total = math.ceil(len(pairs) / batch_size)  # type: ignore[arg-type]
     num_pairs = 0
-    world = _distributed_group(distributed, config, unit_counts)
     ctx = get_context(inner)
     already_warned = name in ctx.warned_empty
     ctx.warned_empty.add(name)  # the mask is blanked on purpose below: no "empty mask" warning meanwhile
@@ -248,44 +250,26 @@ def calibrate(
             else:
                 handles.append(module.register_forward_hook(recorder.output_hook(layer_name)))
         inner.eval()
-        progress = tqdm(
-            _batches(pairs, batch_size), total=total, desc="SADI calibration", unit="batch", disable=not show_progress
-        )
-        with torch.no_grad():
-            for start, chunk in progress:
-                triples = [normalize_pair(pair, start + i) for i, pair in enumerate(chunk)]
-                pos = [tokenizer(_join(p, y, separator, strip))["input_ids"] for p, y, _ in triples]
-                neg = [tokenizer(_join(p, n, separator, strip))["input_ids"] for p, _, n in triples]
-                for i, (a, b) in enumerate(zip(pos, neg)):
-                    if a == b:
-                        raise ValueError(
-                            f"pairs[{start + i}]: the positive and negative texts tokenize identically "
-                            f"({triples[i][1]!r} vs {triples[i][2]!r}), so the pair carries no contrast."
-                        )
-                    longest = max(len(a), len(b))
-                    if max_positions is not None and longest > max_positions:
-                        raise ValueError(
-                            f"pairs[{start + i}] is {longest} tokens long, more than the model's context "
-                            f"(max_position_embeddings={max_positions}); shorten the prompt."
-                        )
-                    if len(a) == 0 or len(b) == 0:
-                        raise ValueError(f"pairs[{start + i}] tokenizes to an empty sequence.")
-                texts = pos + neg
-                width = max(len(t) for t in texts)
-                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-                input_ids = torch.full((len(texts), width), pad, dtype=torch.long)
-                attention_mask = torch.zeros((len(texts), width), dtype=torch.long)
-                for row, ids in enumerate(texts):  # right padding: positions of real tokens stay 0..n-1
-                    input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                    attention_mask[row, : len(ids)] = 1
-                recorder.last_index = torch.tensor([len(t) - 1 for t in texts], dtype=torch.long)
-                recorder.half = len(triples)
-                inner(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **extra)
-                num_pairs += len(triples)
+        try:
+            num_pairs = _run_pairs(inner, tokenizer, pairs, batch_size, separator, strip, recorder, device, extra,
+                                   max_positions, total, show_progress)
+            local_error = None
+        except Exception as error:  # with a process group the others must hear of it, not wait for our sums
+            if group is None:
+                raise
+            local_error = error
         for layer_name, units in unit_counts.items():  # a process may have seen no pair of its shard
             recorder.sums.setdefault(layer_name, torch.zeros(units, dtype=torch.float64))
-        if world is not None:
-            num_pairs = _all_reduce_sums(world, recorder.sums, num_pairs, device)
+        if group is not None:
+            num_pairs, failed = _all_reduce_sums(group, recorder.sums, num_pairs, device, local_error is not None)
+            if local_error is not None:
+                raise local_error
+            if failed:
+                raise RuntimeError(
+                    f"Distributed calibration failed on process(es) {failed} (see their error); the statistics were "
+                    "not combined and this process's adapter keeps its previous mask and scores. Fix the pairs of "
+                    "that process and calibrate again on every process."
+                )
         if num_pairs == 0:
             raise ValueError("pairs is empty: calibration needs at least one (prompt, positive, negative) triple.")
         for layer_name, layer in layers:
@@ -319,8 +303,132 @@ def calibrate(
     return result
 
 
-def _distributed_group(distributed: Optional[bool], config: SADIConfig, unit_counts: dict[str, int]):
-    """The default process group when calibration is to be shared, after checking all processes agree."""
+def _checked_adapter(model: nn.Module, tokenizer, batch_size: int, adapter_name: Optional[str]):
+    """(adapter name, config, SADI layers, recording sites) after the checks that need no forward pass."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is invalid: expected an integer >= 1.")
+    name, config = resolve_adapter(model, adapter_name)
+    layers = sadi_layers(model, name)
+    if not layers:
+        raise ValueError(f"SADI adapter {name!r} is not injected in this model (no SADI layer holds it).")
+    if batch_size > 1 and tokenizer.pad_token_id is None:
+        raise ValueError(
+            "The tokenizer has no pad token, which batched calibration needs. Set one, e.g. "
+            "tokenizer.pad_token = tokenizer.eos_token (padded positions are masked out), or use batch_size=1."
+        )
+    if any(layer.disable_adapters for _, layer in layers):
+        raise ValueError(
+            f"SADI adapter {name!r} is disabled (inside disable_adapter() or after disable_adapters()); enable it "
+            "before calibrating so that the mask lands on the adapter that will run."
+        )
+    if any(name in layer.merged_adapters for _, layer in layers):
+        raise ValueError(f"SADI adapter {name!r} is merged into the weights; unmerge it before calibrating.")
+    check_materialised(model, targets=[layer_name for layer_name, _ in layers])
+    return name, config, layers, _recording_sites(model, config, layers)
+
+
+def _run_pairs(inner, tokenizer, pairs, batch_size, separator, strip, recorder, device, extra, max_positions, total,
+               show_progress) -> int:
+    """Run every pair through the model (hooks record into ``recorder``); returns the number of pairs."""
+    num_pairs = 0
+    progress = tqdm(
+        _batches(pairs, batch_size), total=total, desc="SADI calibration", unit="batch", disable=not show_progress
+    )
+    with torch.no_grad():
+        for start, chunk in progress:
+            triples = [normalize_pair(pair, start + i) for i, pair in enumerate(chunk)]
+            pos = [tokenizer(_join(p, y, separator, strip))["input_ids"] for p, y, _ in triples]
+            neg = [tokenizer(_join(p, n, separator, strip))["input_ids"] for p, _, n in triples]
+            for i, (a, b) in enumerate(zip(pos, neg)):
+                if a == b:
+                    raise ValueError(
+                        f"pairs[{start + i}]: the positive and negative texts tokenize identically "
+                        f"({triples[i][1]!r} vs {triples[i][2]!r}), so the pair carries no contrast."
+                    )
+                longest = max(len(a), len(b))
+                if max_positions is not None and longest > max_positions:
+                    raise ValueError(
+                        f"pairs[{start + i}] is {longest} tokens long, more than the model's context "
+                        f"(max_position_embeddings={max_positions}); shorten the prompt."
+                    )
+                if len(a) == 0 or len(b) == 0:
+                    raise ValueError(f"pairs[{start + i}] tokenizes to an empty sequence.")
+            texts = pos + neg
+            width = max(len(t) for t in texts)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            input_ids = torch.full((len(texts), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(texts), width), dtype=torch.long)
+            for row, ids in enumerate(texts):  # right padding: positions of real tokens stay 0..n-1
+                input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[row, : len(ids)] = 1
+            recorder.last_index = torch.tensor([len(t) - 1 for t in texts], dtype=torch.long)
+            recorder.half = len(triples)
+            inner(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **extra)
+            num_pairs += len(triples)
+    return num_pairs
+
+
+# ---------------------------------------------------------------------------------------------------- placement
+def _offload_hooks(module: nn.Module) -> list[Any]:
+    """accelerate hooks on ``module`` that load its weights before each forward (``offload=True`` + a weights map)."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    hooks = list(getattr(hook, "hooks", None) or [hook])  # a SequentialHook holds several
+    return [h for h in hooks if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None]
+
+
+def check_materialised(model: nn.Module, targets: Sequence[str] = ()) -> None:
+    """Refuse a model with weights left on the ``meta`` device that nothing will load.
+
+    accelerate's offloading (``device_map`` with CPU-RAM or disk offload) keeps offloaded weights on ``meta`` and
+    loads them in a hook before each forward: such modules pass. A module whose parameters or buffers are on ``meta``
+    without such a hook (a model built under ``init_empty_weights`` and never loaded, a ``device_map`` that sends a
+    module to ``"meta"``) would compute on placeholders, silently or with an obscure error; this raises a ``ValueError``
+    naming those modules, SADI targets (``targets``: module names) first.
+    """
+    inner = transformer_model(model)
+    loaders: set[str] = set()  # modules whose hook loads their own tensors
+    subtree_loaders: list[str] = []  # modules whose hook also places every submodule's tensors
+    unloaded: list[str] = []
+    for module_name, module in inner.named_modules():
+        for hook in _offload_hooks(module):
+            loaders.add(module_name)
+            if getattr(hook, "place_submodules", False):
+                subtree_loaders.append(module_name)
+        tensors = itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False))
+        if not any(t.device.type == "meta" for t in tensors):
+            continue
+        if module_name in loaders or any(p == "" or module_name.startswith(p + ".") for p in subtree_loaders):
+            continue
+        unloaded.append(module_name)
+    if not unloaded:
+        return
+    shown = [n[: -len(".base_layer")] if n.endswith(".base_layer") else n for n in unloaded]
+    targeted = [n for n in shown if n in set(targets)]
+    others = [n for n in shown if n not in set(targets)]
+    listed = ", ".join(repr(n) for n in (targeted + others)[:6]) + (", ..." if len(shown) > 6 else "")
+    which = f"; {len(targeted)} of them wrapped by the SADI adapter" if targeted else ""
+    raise ValueError(
+        f"{len(shown)} module(s) have weights on the meta device and no accelerate offload hook to load them: "
+        f"{listed}{which}. A forward pass would compute on placeholders. This happens with a model built under "
+        "init_empty_weights() whose weights were never loaded, or a device_map that sends modules to 'meta'. Give "
+        "every module a real device ('cpu', a GPU, or 'disk' with offload_folder=) and load the weights: "
+        "AutoModelForCausalLM.from_pretrained(path, device_map=..., max_memory=..., offload_folder=...) or "
+        "accelerate's load_checkpoint_and_dispatch(model, checkpoint, device_map=...)."
+    )
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the input ids go: the first parameter's device; CPU when it is offloaded (accelerate moves them)."""
+    for parameter in transformer_model(model).parameters():
+        return torch.device("cpu") if parameter.device.type == "meta" else parameter.device
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+def _process_group(distributed: Optional[bool]) -> Any:
+    """The default process group when the work is to be shared, else ``None``."""
     import torch.distributed as dist
 
     active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -329,37 +437,77 @@ def _distributed_group(distributed: Optional[bool], config: SADIConfig, unit_cou
     if not distributed:
         return None
     if not active:
-        raise ValueError("calibrate(distributed=True) needs an initialised torch.distributed process group with "
-                         "more than one process (torchrun / accelerate launch).")
-    setup = {"variant": config.variant, "positions": config.positions, "neuron_statistic": config.neuron_statistic,
-             "unit_counts": sorted(unit_counts.items())}
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, setup)
-    if any(other != setup for other in gathered):
-        ranks = [rank for rank, other in enumerate(gathered) if other != gathered[0]]
-        raise ValueError(
-            f"Distributed calibration refused: processes {ranks} have another adapter or model than process 0 "
-            f"({gathered[0]} vs {gathered[ranks[0]]}); every process must wrap the same model with the same config."
-        )
+        raise ValueError(f"distributed={distributed!r} needs an initialised torch.distributed process group with "
+                         "more than one process (torchrun / accelerate launch); call "
+                         "torch.distributed.init_process_group(...) first, or pass distributed=False.")
     return dist.group.WORLD
 
 
-def _all_reduce_sums(group, sums: dict[str, torch.Tensor], num_pairs: int, device: torch.device) -> int:
-    """Sum the per-unit running sums and the pair count over all processes (float64; on the model's device for NCCL)."""
+def run_collective(fn: Callable[[], Any], what: str) -> Any:
+    """Run one collective; a dead or silent peer becomes a ``RuntimeError`` that says so (not a bare gloo/NCCL one)."""
+    try:
+        return fn()
+    except RuntimeError as error:  # torch.distributed.DistError is a RuntimeError
+        raise RuntimeError(
+            f"{what} failed: a torch.distributed collective did not complete ({error}). Another process probably "
+            "died or did not reach this point within the process group's timeout. This process's adapter is left as "
+            "it was, so there is nothing to save; check the other processes' logs. init_process_group(..., "
+            "timeout=datetime.timedelta(...)) bounds how long a silent process is waited for."
+        ) from error
+
+
+def agree_across_processes(group: Any, setup: Any, local_error: Optional[BaseException], *, what: str) -> None:
+    """Exchange every process's ``setup`` (and whether its local checks failed); raise unless all passed and agree.
+
+    The process whose checks failed raises its own error; the others raise a ``ValueError`` naming it, so no process
+    waits for statistics that will never come.
+    """
     import torch.distributed as dist
 
+    payload = {"setup": setup, "error": None if local_error is None else f"{type(local_error).__name__}: {local_error}"}
+    gathered: list = [None] * dist.get_world_size(group)
+    run_collective(lambda: dist.all_gather_object(gathered, payload, group=group), what)
+    if local_error is not None:
+        raise local_error
+    failed = [rank for rank, other in enumerate(gathered) if other["error"] is not None]
+    if failed:
+        raise ValueError(
+            f"{what} refused: processes {failed} failed their input checks (process {failed[0]}: "
+            f"{gathered[failed[0]]['error']}); fix their input and start again on every process."
+        )
+    mismatched = [rank for rank, other in enumerate(gathered) if other["setup"] != gathered[0]["setup"]]
+    if mismatched:
+        raise ValueError(
+            f"{what} refused: processes {mismatched} have another adapter, model or input than process 0 "
+            f"({gathered[0]['setup']} vs {gathered[mismatched[0]]['setup']}); every process must wrap the same "
+            "model with the same config."
+        )
+
+
+def _all_reduce_sums(group, sums: dict[str, torch.Tensor], num_pairs: int, device: torch.device,
+                     failed: bool) -> tuple[int, list[int]]:
+    """Sum the per-unit running sums and the pair count over all processes (float64; on the model's device for NCCL).
+
+    Returns the total pair count and the ranks that report a failure (``failed``) instead of statistics.
+    """
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     on_device = dist.get_backend(group) == "nccl"
     names = sorted(sums)
-    flat = torch.cat([sums[n] for n in names] + [torch.tensor([float(num_pairs)], dtype=torch.float64)])
+    flags = torch.zeros(world, dtype=torch.float64)
+    flags[rank] = float(failed)
+    flat = torch.cat([sums[n] for n in names] + [torch.tensor([float(num_pairs)], dtype=torch.float64), flags])
     flat = flat.to(device) if on_device else flat
-    dist.all_reduce(flat, group=group)
+    run_collective(lambda: dist.all_reduce(flat, group=group), "Distributed calibration")
     flat = flat.cpu()
     offset = 0
     for n in names:
         size = sums[n].numel()
         sums[n] = flat[offset : offset + size].clone()
         offset += size
-    return int(round(float(flat[-1])))
+    failed_ranks = [r for r in range(world) if flat[offset + 1 + r] > 0]
+    return int(round(float(flat[offset]))), failed_ranks
 
 
 def _statistic_name(config: SADIConfig) -> str:

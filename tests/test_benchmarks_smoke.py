@@ -1,7 +1,7 @@
 """The benchmark scripts run end to end at a tiny size and write the JSON they promise.
 
 Nothing here is timed or compares speeds: the figures come from running the scripts at full size (see
-benchmarks/README.md). The three scripts run concurrently in subprocesses, with a tiny random model (``--tiny``), one
+benchmarks/README.md). The scripts run concurrently in subprocesses, with a tiny random model (``--tiny``), one
 round and the smallest inputs, so the whole file stays well under a minute.
 """
 
@@ -31,6 +31,15 @@ CASES = {
     "adapter_size": (
         ["--tiny", "--threads", "1", "--repeats", "1", "--n-pairs", "4"],
         {"machine", "settings", "results"},
+    ),
+    "device_map_memory": (
+        ["--tiny", "--threads", "1", "--n-pairs", "4", "--batch-size", "2", "--no-bare"],
+        {"machine", "settings", "runs", "comparison"},
+    ),
+    "distributed_calibration": (
+        ["--tiny", "--n-pairs", "4", "--batch-size", "2", "--rounds", "1"],
+        {"machine", "settings", "results", "speedup", "cpu_per_pair_ratio", "max_abs_score_difference_vs_1_process",
+         "load_average_per_round"},
     ),
 }
 # scripts that need something a test machine lacks (peers.py: a second venv with transformers 4.x), or that are
@@ -78,6 +87,16 @@ def test_benchmark_runs_and_writes_json(runs, name):
         assert {"bare", "calibrate head", "calibrate neuron", "calibrate hidden"} <= set(report["throughput"]["results"])
         assert set(report["memory"]) == {"calibrate/4"}
         assert all(m["peak_above_loaded_mib"] >= 0 for m in report["memory"].values())
+    elif name == "device_map_memory":
+        assert set(report["runs"]) == {"calibrate/unsplit", "calibrate/split"}
+        assert "disk" in report["runs"]["calibrate/split"]["placement"]
+        assert all(r["peak_above_loaded_mib"] >= 0 for r in report["runs"].values())
+        assert report["comparison"]["max_abs_score_difference"] <= 1e-5
+    elif name == "distributed_calibration":
+        assert set(report["results"]) == {"world_1", "world_2"}
+        assert report["results"]["world_2"]["pairs_per_process"] == [2, 2]
+        assert "median" in report["speedup"]["world_2"]
+        assert max(report["max_abs_score_difference_vs_1_process"].values()) <= 1e-5
     elif name == "adapter_size":
         assert set(report["results"]) == {"head", "neuron", "hidden"}
         for r in report["results"].values():

@@ -422,11 +422,25 @@ def prepare_items(tokenizer: Any, items: Sequence[Item], *, strip_prompt: bool =
 
 
 def evaluate_items(
-    model: nn.Module, tokenizer: Any, items: Sequence[Item], *, batch_size: int = 16, strip_prompt: bool = True
+    model: nn.Module,
+    tokenizer: Any,
+    items: Sequence[Item],
+    *,
+    batch_size: int = 16,
+    strip_prompt: bool = True,
+    distributed: bool = False,
 ) -> dict[str, Any]:
     """Restricted-choice accuracy of ``model`` as it runs now (wrap in a baseline's ``apply``):
     ``{"accuracy", "n", "scores"}`` with :func:`~sadi_peft.harness.search.score_naive` scores, ``batch_size``
-    (prompt, option) sequences per forward, sorted by length across the whole set."""
+    (prompt, option) sequences per forward, sorted by length across the whole set.
+
+    ``distributed=True``: every process of the ``torch.distributed`` group passes the same items, scores its shard,
+    and gets the accuracy and scores of all items (:func:`sadi_peft.harness.distributed.evaluate_items_distributed`).
+    """
+    if distributed:
+        from sadi_peft.harness.distributed import evaluate_items_distributed
+
+        return evaluate_items_distributed(model, tokenizer, items, batch_size=batch_size, strip_prompt=strip_prompt)
     prepared = prepare_items(tokenizer, items, strip_prompt=strip_prompt)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = score_naive(model, prepared, pad, batch_size=batch_size)
