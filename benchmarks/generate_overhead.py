@@ -291,7 +291,7 @@ def main() -> None:
         print(f"round {rnd + 1}/{args.repeats} done, load average {loads[-1]}", flush=True)
 
     results = {}
-    for bs in args.batch_sizes:
+    for bs in args.batch_sizes if args.repeats > 0 else []:  # --repeats 0: decode steps only
         results[f"batch_{bs}"] = {
             name: {
                 "wall_s": summary(wall[bs][name]), "cpu_s": summary(cpu[bs][name]),
@@ -313,13 +313,15 @@ def main() -> None:
 
     targets = {}
     for bs in args.batch_sizes:
-        block = results[f"batch_{bs}"]
+        block = results.get(f"batch_{bs}", {})
         control = block.get("base copy", {}).get(f"{headline}_ratio")
         for name in names:
             if info[name]["kind"] not in ("adapter", "merged"):
                 continue
-            r = block[name][f"{headline}_ratio"]
-            entry = {"generate_median_ratio": r["median"], "target": TARGET, "generate_met": r["median"] <= TARGET}
+            entry = {"target": TARGET}
+            if block:
+                r = block[name][f"{headline}_ratio"]
+                entry.update(generate_median_ratio=r["median"], generate_met=r["median"] <= TARGET)
             if control:
                 entry["generate_control_range"] = [control["min"], control["max"]]
             if steps:
@@ -357,7 +359,7 @@ def main() -> None:
           "(base / config) | decode-step ratio, CPU [p25–p75] | decode-step ratio, wall [p25–p75] |")
     print("|---|---|---|---|---|---|---|---|---|")
     for bs in args.batch_sizes:
-        block = results[f"batch_{bs}"]
+        block = results.get(f"batch_{bs}")
         sblock = steps[f"batch_{bs}"] if steps else None
         for name in names:
             if name == "base":
@@ -366,9 +368,11 @@ def main() -> None:
             if sblock:
                 step_cols = (f"{sblock['base'][f'{headline}_ms']['median']:.1f} / {sblock[name][f'{headline}_ms']['median']:.1f}"
                              f" | {spread(sblock[name]['cpu_ratio'], True)} | {spread(sblock[name]['wall_ratio'], True)}")
-            print(f"| {name} | {bs} | {block['base'][f'{headline}_s']['median']:.2f} | "
-                  f"{block[name][f'{headline}_s']['median']:.2f} | {spread(block[name]['cpu_ratio'])} | "
-                  f"{spread(block[name]['wall_ratio'])} | {step_cols} |")
+            gen_cols = "n/a | n/a | n/a | n/a"
+            if block:
+                gen_cols = (f"{block['base'][f'{headline}_s']['median']:.2f} | {block[name][f'{headline}_s']['median']:.2f}"
+                            f" | {spread(block[name]['cpu_ratio'])} | {spread(block[name]['wall_ratio'])}")
+            print(f"| {name} | {bs} | {gen_cols} | {step_cols} |")
     print(f"-> {args.out}")
 
 
