@@ -33,3 +33,12 @@ def test_reproduce_smoke_and_resume(tmp_path, smollm2_path, data_dir):
     assert second.returncode == 0 and second.stderr.count("skip ") == 4
     report = run("-m", "sadi_peft.cli", "report", "results", cwd=tmp_path)
     assert report.returncode == 0 and "| none |" in report.stdout and "copa" in report.stdout
+    # the chosen adapter is saved beside its result, and its Hub card is built from the result files
+    assert (tmp_path / "results" / "copa" / "sadi-head-last.adapter" / "adapter_config.json").is_file()
+    cards = run(str(REPO / "scripts" / "publish_cards.py"), "results", "--base-model", "org/base", "--repo-prefix",
+                "org/tiny", "--out", "cards", cwd=tmp_path)
+    assert cards.returncode == 0, cards.stderr[-3000:]
+    card = (tmp_path / "cards" / "copa-sadi-head-last.md").read_text()
+    baseline = json.loads((tmp_path / "results" / "copa" / "none.json").read_text())["accuracy"]
+    assert "base_model: org/base" in card and "| copa |" in card and f"{baseline:.4g}" in card
+    assert f"top_k={record['chosen']['top_k']}" in card
