@@ -76,3 +76,40 @@ def test_search_cache_benchmark_smoke(tmp_path, smollm2_path, data_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "sc.json").read_text())
     assert report["identical_accuracies"] and {"naive_median_s", "cached_median_s", "ratio"} <= set(report)
+
+
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_single_token_options_are_read_from_one_row_with_the_same_scores(positions):
+    """Items whose options are all one token take one forward of the prompt (the next-token distribution); their
+    scores equal prompt + option run one by one, also in a batch mixed with multi-token items."""
+    from sadi_peft.harness.search import score_naive
+
+    model = get_peft_model(tiny_llama(), sadi_peft.SADIConfig(top_k=3, delta=10.0, positions=positions))
+    sadi_peft.calibrate(model, TOK, PAIRS, show_progress=False)
+    single = [encode_choice_item(TOK, p, c, 0, separator="") for p, c in
+              [("Review: a joy. Sentiment:", ["P", "N"]), ("Q: pick a letter", ["a", "b", "c", "d"])]]
+    items = single + [encode_choice_item(TOK, p, c, y) for p, c, y in EXAMPLES[:3]]
+    assert all(len(o) == 1 for item in single for o in item.option_ids)
+    scores = score_naive(model, items, pad_token_id=0, batch_size=3)
+    for i, item in enumerate(items):
+        for j, option in enumerate(item.option_ids):
+            n = len(item.prompt_ids)
+            ids = torch.tensor([item.prompt_ids + option])
+            with torch.no_grad(), sadi_peft.prompt_boundary(model, torch.tensor([[1] * n + [0] * len(option)])):
+                logprobs = torch.log_softmax(model(input_ids=ids).logits[0], -1)
+            expected = logprobs[torch.arange(n - 1, n - 1 + len(option)), torch.tensor(option)].mean()
+            assert scores[i, j].item() == pytest.approx(expected.item(), abs=1e-5)
+        assert torch.isinf(scores[i, len(item.option_ids):]).all()
+
+
+def test_cached_search_with_single_token_options_matches_naive():
+    model = get_peft_model(tiny_llama(), sadi_peft.SADIConfig(top_k=2, positions="last"))
+    sadi_peft.calibrate(model, TOK, PAIRS, show_progress=False)
+    items = [encode_choice_item(TOK, p, c, 0, separator="") for p, c in
+             [("Review: a joy. Sentiment:", ["P", "N"]), ("Q: pick a letter", ["a", "b", "c", "d"]), ("x", ["y", "n"])]]
+    items += [encode_choice_item(TOK, p, c, y) for p, c, y in EXAMPLES[:2]]
+    cached = grid_search(model, TOK, items, GRID, cached=True, batch_size=4, show_progress=False)
+    naive = grid_search(model, TOK, items, GRID, cached=False, batch_size=4, show_progress=False)
+    for a, b in zip(cached, naive):
+        torch.testing.assert_close(a["scores"], b["scores"], atol=1e-5, rtol=0)
+    assert not torch.allclose(cached[0]["scores"], cached[3]["scores"])

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 import sadi_peft
-from sadi_peft.tasks.protocols import score_token_rows
+from sadi_peft.tasks.protocols import score_option_ids
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +72,14 @@ def _collect(items, rows, row_scores) -> torch.Tensor:
 
 
 def score_naive(model, items: Sequence[ChoiceItem], pad_token_id: int, batch_size: Optional[int] = None) -> torch.Tensor:
-    """[n_items, max_options] mean option log-probs, each prompt + option run in full: (prompt, option) rows sorted
-    by length, ``batch_size`` rows per forward (default: all in one), left padding, logits projected only at the
-    option positions (:func:`sadi_peft.tasks.protocols.score_token_rows`)."""
+    """[n_items, max_options] mean option log-probs, each prompt + option run in full: rows sorted by length,
+    ``batch_size`` rows per forward (default: all in one), left padding, logits projected only at the option
+    positions, one row per item when its options are single tokens
+    (:func:`sadi_peft.tasks.protocols.score_option_ids`)."""
+    scores = score_option_ids(model, [(item.prompt_ids, item.option_ids) for item in items],
+                              pad_token_id=pad_token_id, batch_size=batch_size or sum(len(i.option_ids) for i in items))
     rows = _rows(items)
-    token_rows = [(items[i].prompt_ids, items[i].option_ids[j]) for i, j in rows]
-    logprobs = score_token_rows(model, token_rows, pad_token_id=pad_token_id, batch_size=batch_size or len(token_rows))
-    return _collect(items, rows, [float(lp.mean()) for lp in logprobs])
+    return _collect(items, rows, [scores[i][j] for i, j in rows])
 
 
 class CachedBatch:
@@ -86,10 +87,16 @@ class CachedBatch:
 
     def __init__(self, model, items: Sequence[ChoiceItem], pad_token_id: int) -> None:
         self.model, self.items = model, items
-        self.rows = _rows(items)
+        # one row per option; one row per item when its options are single tokens (all read at the last prompt token)
+        self.rows: list[tuple[int, Optional[int]]] = []
+        for i, item in enumerate(items):
+            if all(len(o) == 1 for o in item.option_ids):
+                self.rows.append((i, None))
+            else:
+                self.rows.extend((i, j) for j in range(len(item.option_ids)))
         device = _device(model)
         prefixes = [items[i].prompt_ids[:-1] for i, _ in self.rows]
-        suffixes = [items[i].prompt_ids[-1:] + items[i].option_ids[j] for i, j in self.rows]
+        suffixes = [items[i].prompt_ids[-1:] + ([] if j is None else items[i].option_ids[j]) for i, j in self.rows]
         self.prefix_len = max(len(p) for p in prefixes)
         L, S, R = self.prefix_len, max(len(s) for s in suffixes), len(self.rows)
         prefix_ids = torch.full((R, L), pad_token_id, dtype=torch.long)
@@ -129,12 +136,16 @@ class CachedBatch:
             if self.cache.get_seq_length() != self.prefix_len:
                 raise RuntimeError("the KV cache could not be cropped back to the prompt prefix")
         logprobs = torch.log_softmax(out.logits.float(), -1)
-        scores = []
+        cells, scores = [], []
         for r, (i, j) in enumerate(self.rows):
-            option = self.items[i].option_ids[j]
-            positions = torch.arange(len(option))
-            scores.append(float(logprobs[r, positions, torch.tensor(option)].mean()))
-        return _collect(self.items, self.rows, scores)
+            options = self.items[i].option_ids
+            if j is None:  # single-token options: the next-token distribution after the prompt
+                cells.extend((i, k) for k in range(len(options)))
+                scores.extend(float(logprobs[r, 0, o[0]]) for o in options)
+            else:
+                cells.append((i, j))
+                scores.append(float(logprobs[r, torch.arange(len(options[j])), torch.tensor(options[j])].mean()))
+        return _collect(self.items, cells, scores)
 
 
 def accuracy_of(scores: torch.Tensor, items: Sequence[ChoiceItem]) -> float:

@@ -268,12 +268,52 @@ def score_token_rows(
     """Log-probabilities of each row's answer ids after its prompt ids (already tokenized), batched like
     :func:`score_answers`; the prompt end is always pinned, so hook-based baselines steer the prompt's last token too."""
     rows = [(list(p), list(a), []) for p, a in rows]
-    for i, (p_ids, a_ids, _) in enumerate(rows):
-        if not p_ids or not a_ids:
-            raise ValueError(f"row {i}: prompt and answer need at least one token each (got {len(p_ids)}, {len(a_ids)}).")
+    _check_rows(rows)
     forward = _Forward(model, int(pad_token_id), pin=True)
     with _EvalMode(model):
         return [score.token_logprobs for score in forward.run(rows, _check_batch_size(batch_size))]
+
+
+def score_option_ids(
+    model: Any,
+    items: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+    *,
+    pad_token_id: int,
+    batch_size: int = 16,
+) -> list[list[float]]:
+    """Mean log-probability of every option after its prompt, per ``(prompt_ids, [option_ids, ...])`` item.
+
+    An item whose options are all one token long is scored from a single row (the next-token distribution after the
+    prompt, read at every option's id: the same numbers, since a causal model's logits at the last prompt token do
+    not depend on what follows); other items get one row per option. Prompt end pinned as in
+    :func:`score_token_rows`."""
+    rows: list[tuple[list[int], list[int], list[int]]] = []
+    plan: list[tuple[bool, int, int]] = []  # (single-token options, first row, number of options) per item
+    for prompt, options in items:
+        options = [list(o) for o in options]
+        single = all(len(o) == 1 for o in options)
+        plan.append((single, len(rows), len(options)))
+        if single:
+            rows.append((list(prompt), options[0], [o[0] for o in options]))
+        else:
+            rows.extend((list(prompt), o, []) for o in options)
+    _check_rows(rows)
+    forward = _Forward(model, int(pad_token_id), pin=True)
+    with _EvalMode(model):
+        scored = forward.run(rows, _check_batch_size(batch_size))
+    out = []
+    for single, first, count in plan:
+        if single:
+            out.append([float(x) for x in scored[first].extra_logprobs])
+        else:
+            out.append([s.mean for s in scored[first : first + count]])
+    return out
+
+
+def _check_rows(rows: Sequence[tuple[list[int], list[int], list[int]]]) -> None:
+    for i, (p_ids, a_ids, _) in enumerate(rows):
+        if not p_ids or not a_ids:
+            raise ValueError(f"row {i}: prompt and answer need at least one token each (got {len(p_ids)}, {len(a_ids)}).")
 
 
 def generate_answers(
