@@ -10,6 +10,11 @@ Two clocks are recorded for every run: wall time (``time.perf_counter``) and the
 time it waited for a core; with one torch thread the CPU time does not, which makes it the steadier measure of the
 work a configuration does. With several torch threads the CPU time also counts the threads' spin-waits, so it is
 only meaningful at ``--threads 1``.
+
+On a GPU (``--device cuda``) the kernels run asynchronously: :func:`timed` synchronises the device before it reads
+the clocks, and the wall time is the headline clock (the process CPU time then measures only the host's part, much
+of it spent waiting for the GPU). Memory on a GPU is ``torch.cuda.max_memory_allocated`` (see :func:`gpu_memory_mib`).
+Results that are not CPU float32 go to ``<name>_<device>_<dtype>.json`` (:func:`resolve_out`), beside the CPU ones.
 """
 
 from __future__ import annotations
@@ -39,7 +44,81 @@ def add_timing_arguments(parser: argparse.ArgumentParser, *, repeats: int, out: 
         default=None,
         help="torch intra-op threads (default: torch's own choice; 1 gives steady CPU times on a busy machine)",
     )
-    parser.add_argument("--out", type=Path, default=RESULTS / out, help="JSON file to write")
+    add_out_argument(parser, out)
+
+
+def add_out_argument(parser: argparse.ArgumentParser, out: str) -> None:
+    """``--out``; its default is ``benchmarks/results/<out>``, suffixed by device and dtype unless CPU float32
+    (read it with :func:`resolve_out` once the arguments are parsed)."""
+    stem = Path(out).stem
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help=f"JSON file to write (default: benchmarks/results/{stem}.json on CPU in float32, "
+             f"{stem}_<device>_<dtype>.json otherwise, e.g. {stem}_cuda_bfloat16.json)",
+    )
+    parser.set_defaults(default_out=out)
+
+
+def results_path(out: str, device: str | torch.device = "cpu", dtype: str = "float32") -> Path:
+    """Where a run's JSON goes by default: ``RESULTS/out`` on CPU in float32; otherwise the name suffixed with the
+    device and the dtype (``generate_overhead_cuda_bfloat16.json``), so that GPU figures sit beside the CPU ones."""
+    name = Path(out)
+    device_tag = str(device).replace(":", "")
+    if device_tag == "cpu" and dtype == "float32":
+        return RESULTS / name
+    return RESULTS / f"{name.stem}_{device_tag}_{dtype}{name.suffix or '.json'}"
+
+
+def resolve_out(args: argparse.Namespace) -> Path:
+    """``--out`` if given, else :func:`results_path` of the script's default name, ``--device`` and ``--dtype``."""
+    if args.out is not None:
+        return Path(args.out)
+    default = getattr(args, "default_out", None)
+    if default is None:
+        raise ValueError("resolve_out: the parser has no --out default; add it with add_out_argument(parser, name).")
+    return results_path(default, getattr(args, "device", "cpu"), getattr(args, "dtype", "float32"))
+
+
+# ------------------------------------------------------------------------------------------------ devices
+def is_cuda(device: str | torch.device | None) -> bool:
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def synchronize(device: str | torch.device | None) -> None:
+    """Wait for the GPU's queued work (no-op on CPU)."""
+    if is_cuda(device):
+        torch.cuda.synchronize(device)
+
+
+def headline_clock(device: str | torch.device | None = None) -> str:
+    """The clock a script's verdicts read: wall time on a GPU; on CPU the process CPU time at one torch thread
+    (steady on a busy machine), else wall time."""
+    if is_cuda(device):
+        return "wall"
+    return "cpu" if torch.get_num_threads() == 1 else "wall"
+
+
+def device_info(device: str | torch.device = "cpu", dtype: str = "float32") -> dict[str, Any]:
+    """Device, dtype and, on a GPU, its name, memory and the CUDA version torch was built for."""
+    info: dict[str, Any] = {"device": str(device), "dtype": dtype}
+    if is_cuda(device):
+        properties = torch.cuda.get_device_properties(device)
+        info.update(gpu_name=torch.cuda.get_device_name(device), gpu_memory_mib=properties.total_memory / 2**20,
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    return info
+
+
+def reset_gpu_peak(device: str | torch.device) -> None:
+    """Start a new peak of ``torch.cuda.max_memory_allocated`` (after the queued work is done)."""
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+
+
+def gpu_memory_mib(device: str | torch.device) -> tuple[float, float]:
+    """(allocated now, peak allocated since :func:`reset_gpu_peak`) on ``device``, MiB; tensors only (not the CUDA
+    context, not the caching allocator's reserve)."""
+    synchronize(device)
+    return torch.cuda.memory_allocated(device) / 2**20, torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def apply_threads(threads: int | None) -> None:
@@ -54,8 +133,8 @@ def load_average() -> list[float] | None:
         return None
 
 
-def machine_info() -> dict[str, Any]:
-    """What a reader needs to judge a figure: cores, threads, load, versions, date."""
+def machine_info(device: str | torch.device = "cpu", dtype: str = "float32") -> dict[str, Any]:
+    """What a reader needs to judge a figure: cores, threads, load, versions, date; device, dtype and GPU name."""
     import transformers
 
     info: dict[str, Any] = {
@@ -69,6 +148,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        **device_info(device, dtype),
     }
     try:
         import peft
@@ -90,10 +170,13 @@ def _cpu_model() -> str | None:
     return platform.processor() or None
 
 
-def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
-    """(wall seconds, process CPU seconds, result) of one call."""
+def timed(fn: Callable[[], Any], device: str | torch.device | None = None) -> tuple[float, float, Any]:
+    """(wall seconds, process CPU seconds, result) of one call; on a CUDA ``device`` the GPU is synchronised before
+    the clocks start and before they are read, so the times include the kernels ``fn`` queued."""
+    synchronize(device)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     result = fn()
+    synchronize(device)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     return wall, cpu, result
 

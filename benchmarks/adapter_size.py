@@ -9,6 +9,7 @@ writes). SADI and LoRA loads are interleaved in rotated order; the ratio is take
 
     python benchmarks/adapter_size.py --threads 1
     python benchmarks/adapter_size.py --tiny --repeats 1 --out /tmp/a.json           # smoke size
+    python benchmarks/adapter_size.py --device cuda --dtype bfloat16   # on a GPU: adapters load onto it, wall time
 """
 
 from __future__ import annotations
@@ -20,16 +21,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import (  # noqa: E402
     add_timing_arguments,
     apply_threads,
     examples_on_path,
+    headline_clock,
     load_average,
     machine_info,
     ratio_summary,
+    resolve_out,
     round_order,
     shared_weight_copy,
     spread,
@@ -56,19 +57,21 @@ def folder_sizes(folder: Path) -> dict[str, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
+    add_model_arguments(parser, device_options=True)
     add_timing_arguments(parser, repeats=9, out="adapter_size.json")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--n-pairs", type=int, default=16, help="SST-2 calibration pairs per variant")
     args = parser.parse_args()
     apply_threads(args.threads)
+    args.out = resolve_out(args)
 
     base, tokenizer = load(args)
     base.requires_grad_(False)
     base.eval()
+    device = base.device
     pairs = sst2_pairs(select_examples(load_sst2("train"), args.n_pairs, 0))
-    machine = machine_info()
+    machine = machine_info(device, args.dtype)
     workdir = Path(tempfile.mkdtemp(prefix="sadi-adapter-size-"))
     folders: dict[str, Path] = {}
     sizes: dict[str, dict] = {}
@@ -96,13 +99,13 @@ def main() -> None:
         for name in round_order(names, rnd):
             fresh = shared_weight_copy(base)
             gc.collect()
-            w, c, loaded = timed(lambda: PeftModel.from_pretrained(fresh, folders[name]))  # noqa: B023
+            w, c, loaded = timed(lambda: PeftModel.from_pretrained(fresh, folders[name]), device)  # noqa: B023
             wall[name].append(w)
             cpu[name].append(c)
             del loaded, fresh
         loads.append(load_average())
     shutil.rmtree(workdir, ignore_errors=True)
-    headline = "cpu" if torch.get_num_threads() == 1 else "wall"
+    headline = headline_clock(device)
     results = {}
     for variant in args.variants:
         s, l = f"sadi {variant}", f"lora {variant}"
@@ -115,14 +118,16 @@ def main() -> None:
         }
     report = {
         "benchmark": "adapter_size", "machine": machine, "load_average_per_round": loads,
-        "settings": {"model": "tiny-random" if args.tiny else args.model, "lora_r": args.lora_r,
+        "settings": {"model": "tiny-random" if args.tiny else args.model, "device": str(device),
+                     "dtype": args.dtype, "lora_r": args.lora_r,
                      "repeats": args.repeats, "headline_clock": headline, "sadi": {"top_k": 4, "delta": 9.0},
                      "load": "PeftModel.from_pretrained(fresh module tree, folder)"},
         "results": results,
     }
     write_json(args.out, report)
-    print(f"\nadapter files and load time; {machine['cpu_count']} cores, {machine['torch_threads']} torch threads; "
-          f"{args.repeats} rounds; headline clock: {headline}")
+    where = machine.get("gpu_name") or f"{machine['cpu_count']} cores, {machine['torch_threads']} torch threads"
+    print(f"\nadapter files and load time; {device}, {args.dtype}, {where}; {args.repeats} rounds; "
+          f"headline clock: {headline}")
     print(f"| variant | target modules | SADI adapter_model bytes | SADI total bytes | LoRA r={args.lora_r} "
           "adapter_model bytes | SADI load ms | LoRA load ms | SADI ÷ LoRA load (CPU) | SADI ÷ LoRA load (wall) |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -16,9 +16,15 @@ peak (VmHWM): the peak above the loaded model. The pairs cycle through a fixed p
 (``--pool``), so every N sees the same batch shapes and only the number of pairs changes. Must be flat in N. Each
 N's result is written to the JSON as soon as it finishes, so the large N can run in the background.
 
+On a GPU (``--device cuda``, e.g. with ``--dtype bfloat16``) the inputs go to the GPU (inside the clock, as
+``calibrate`` moves its own), the clocks are read after ``torch.cuda.synchronize()``, wall time is the headline
+clock, and memory is ``torch.cuda.max_memory_allocated`` (reset after loading) above the allocated memory of the
+loaded model, instead of the process RSS. Such runs write ``calibration_throughput_<device>_<dtype>.json``.
+
     python benchmarks/calibration_throughput.py --threads 1                       # throughput + memory at 100/1000/4000
     python benchmarks/calibration_throughput.py --threads 1 --skip-throughput --memory-n 4000 --out ...  # one N
     python benchmarks/calibration_throughput.py --tiny --repeats 1 --n-pairs 8 --memory-n 4 8 --out /tmp/c.json
+    python benchmarks/calibration_throughput.py --device cuda --dtype bfloat16    # on a GPU
 """
 
 from __future__ import annotations
@@ -42,9 +48,13 @@ from _bench import (  # noqa: E402
     add_timing_arguments,
     apply_threads,
     examples_on_path,
+    gpu_memory_mib,
+    headline_clock,
     load_average,
     machine_info,
     ratio_summary,
+    reset_gpu_peak,
+    resolve_out,
     round_order,
     shared_weight_copy,
     spread,
@@ -54,7 +64,7 @@ from _bench import (  # noqa: E402
 )
 
 examples_on_path()
-from _common import add_model_arguments, load  # noqa: E402
+from _common import add_model_arguments, load, model_device  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
 import sadi_peft  # noqa: E402
@@ -85,10 +95,13 @@ def chunks(pairs, batch_size):
         yield chunk
 
 
-def bare_forward(model, batches) -> None:
+def bare_forward(model, batches, device: torch.device) -> None:
+    """The forward calls calibration makes, on batches tokenized beforehand (moved to ``device`` here, as
+    ``calibrate`` moves its own)."""
     with torch.no_grad():
         for input_ids, attention_mask in batches:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+            model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False,
+                  logits_to_keep=1)
 
 
 # ------------------------------------------------------------------------------------------------ memory worker
@@ -119,7 +132,12 @@ def pair_stream(pool, n: int, mode: str):
 
 
 def memory_worker(args) -> None:
-    """Runs in a fresh process: peak RSS above the loaded (and wrapped) model while calibrating on N pairs."""
+    """Runs in a fresh process: peak memory above the loaded (and wrapped) model while calibrating on N pairs:
+    process RSS on CPU, ``torch.cuda.max_memory_allocated`` on a GPU."""
+    device = model_device(args)
+    if device.type == "cuda":
+        memory_worker_gpu(args, device)
+        return
     import resource
 
     model, tokenizer = load(args)
@@ -165,11 +183,64 @@ def memory_worker(args) -> None:
         "peak_before_reset_mib": hwm_before / 1024,
         "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "seconds": seconds, "pairs_per_s": args.worker_n / seconds, "torch_threads": torch.get_num_threads(),
-        "trace_pairs_rss_hwm_mib": trace,
+        "trace_pairs_rss_hwm_mib": trace, "memory_measure": "process RSS (VmRSS, VmHWM)",
+        "device": str(device), "dtype": args.dtype,
     }
     if not reset:
         result["note"] = "could not reset VmHWM: the peak includes model loading"
     Path(args.worker_out).write_text(json.dumps(result))
+
+
+def memory_worker_gpu(args, device: torch.device) -> None:
+    """The GPU form of :func:`memory_worker`: ``torch.cuda.max_memory_allocated`` above the allocated memory of the
+    loaded (and wrapped) model, peak reset after loading; a trace of (pairs, allocated, peak) every --trace-every."""
+    model, tokenizer = load(args)
+    model.requires_grad_(False)
+    pool = sst2_pairs(select_examples(load_sst2("train"), None if args.pool == "distinct" else args.pool_size, 0))
+    if args.worker_mode == "calibrate":
+        model = get_peft_model(model, sadi_peft.SADIConfig(variant=args.variant, top_k=4, delta=9.0))
+    gc.collect()
+    loaded, _ = gpu_memory_mib(device)
+    reset_gpu_peak(device)
+    trace = []  # (pairs handed out so far, allocated MiB, peak allocated MiB)
+
+    def traced(stream):
+        for i, pair in enumerate(stream):
+            if args.trace_every and i % args.trace_every == 0:
+                trace.append((i, *gpu_memory_mib(device)))
+            yield pair
+
+    stream = traced(pair_stream(pool, args.worker_n, args.pool))
+    start = time.perf_counter()
+    if args.worker_mode == "calibrate":
+        sadi_peft.calibrate(model, tokenizer, stream, batch_size=args.batch_size, show_progress=False)
+    else:
+        with torch.no_grad():
+            for chunk in chunks(stream, args.batch_size):
+                input_ids, attention_mask = tokenize_batch(tokenizer, chunk)
+                model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False,
+                      logits_to_keep=1)
+    torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    after, peak = gpu_memory_mib(device)
+    result = {
+        "n_pairs": args.worker_n, "mode": args.worker_mode, "variant": args.variant, "pool": args.pool,
+        "pool_size": len(pool), "memory_measure": "torch.cuda.max_memory_allocated",
+        "device": str(device), "dtype": args.dtype, "gpu_name": torch.cuda.get_device_name(device),
+        "gpu_allocated_loaded_mib": loaded, "peak_gpu_allocated_mib": peak, "gpu_allocated_after_mib": after,
+        "peak_above_loaded_mib": peak - loaded,
+        "gpu_reserved_after_mib": torch.cuda.memory_reserved(device) / 2**20,
+        "seconds": seconds, "pairs_per_s": args.worker_n / seconds, "torch_threads": torch.get_num_threads(),
+        "trace_pairs_allocated_peak_mib": trace,
+    }
+    Path(args.worker_out).write_text(json.dumps(result))
+
+
+def _loaded_and_peak(m: dict) -> tuple[float, float, list]:
+    """(loaded MiB, peak MiB, trace) of a memory worker's result, RSS (CPU) or allocated GPU memory (CUDA)."""
+    if "peak_gpu_allocated_mib" in m:
+        return m["gpu_allocated_loaded_mib"], m["peak_gpu_allocated_mib"], m["trace_pairs_allocated_peak_mib"]
+    return m["rss_loaded_mib"], m["peak_rss_mib"], m["trace_pairs_rss_hwm_mib"]
 
 
 def run_memory(args, report) -> None:
@@ -183,7 +254,7 @@ def run_memory(args, report) -> None:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-n", str(n), "--worker-mode", mode,
                    "--worker-out", str(out), "--variant", args.variant, "--pool", args.pool,
                    "--pool-size", str(args.pool_size), "--batch-size", str(args.batch_size), "--model", args.model,
-                   "--trace-every", str(args.trace_every)]
+                   "--trace-every", str(args.trace_every), "--device", str(args.device), "--dtype", args.dtype]
             if args.tiny:
                 cmd.append("--tiny")
             if args.threads is not None:
@@ -201,17 +272,19 @@ def run_memory(args, report) -> None:
         report["memory"][f"{mode}/{n}"] = result
         write_json(args.out, report)  # as each N finishes
         print(f"memory {mode:9s} N={n:5d}: peak above loaded model {result['peak_above_loaded_mib']:.1f} MiB "
-              f"(loaded {result['rss_loaded_mib']:.0f} MiB), {result['pairs_per_s']:.2f} pairs/s", flush=True)
+              f"(loaded {_loaded_and_peak(result)[0]:.0f} MiB, {result['memory_measure']}), "
+              f"{result['pairs_per_s']:.2f} pairs/s", flush=True)
     calib = [report["memory"][f"calibrate/{n}"]["peak_above_loaded_mib"] for n in args.memory_n]
     # growth inside each run: final peak minus the peak once a tenth of the pairs (at least 100) had been handed out
     growth = {}
     for n in args.memory_n:
-        m = report["memory"][f"calibrate/{n}"]
-        early = [hwm for i, _, hwm in m["trace_pairs_rss_hwm_mib"] if i >= max(100, n // 10)]
+        _, peak, trace = _loaded_and_peak(report["memory"][f"calibrate/{n}"])
+        early = [hwm for i, _, hwm in trace if i >= max(100, n // 10)]
         if early:
-            growth[str(n)] = m["peak_rss_mib"] - early[0]
+            growth[str(n)] = peak - early[0]
     report["memory_flat"] = {
-        "n": list(args.memory_n), "peak_above_loaded_mib": calib, "max_minus_min_mib": max(calib) - min(calib),
+        "n": list(args.memory_n), "measure": report["memory"][f"calibrate/{args.memory_n[0]}"]["memory_measure"],
+        "peak_above_loaded_mib": calib, "max_minus_min_mib": max(calib) - min(calib),
         "peak_growth_within_run_mib": growth, "tolerance_mib": args.flat_tolerance_mib,
         "flat": max(calib) - min(calib) <= args.flat_tolerance_mib
         and all(g <= args.flat_tolerance_mib for g in growth.values()),
@@ -224,6 +297,7 @@ def run_throughput(args, report) -> None:
     loaded, tokenizer = load(args)
     loaded.requires_grad_(False)
     loaded.eval()
+    device = loaded.device
     # the bare forward runs on a copy of the module tree too (sharing the weights), like the wrapped models: a
     # deep-copied model runs its Python a little slower than the one from_pretrained built
     base = shared_weight_copy(loaded)
@@ -232,8 +306,9 @@ def run_throughput(args, report) -> None:
     models = {v: get_peft_model(shared_weight_copy(loaded), sadi_peft.SADIConfig(variant=v, top_k=4, delta=9.0))
               for v in args.variants}
     runs = {
-        "bare": lambda: bare_forward(base, batches),
-        "bare + tokenize": lambda: bare_forward(base, (tokenize_batch(tokenizer, c) for c in chunks(pairs, args.batch_size))),
+        "bare": lambda: bare_forward(base, batches, device),
+        "bare + tokenize": lambda: bare_forward(
+            base, (tokenize_batch(tokenizer, c) for c in chunks(pairs, args.batch_size)), device),
     }
     for v, model in models.items():
         runs[f"calibrate {v}"] = (lambda m=model: sadi_peft.calibrate(m, tokenizer, pairs, batch_size=args.batch_size,
@@ -246,12 +321,12 @@ def run_throughput(args, report) -> None:
     loads = []
     for rnd in range(args.repeats):
         for name in round_order(names, rnd):
-            w, c, _ = timed(runs[name])
+            w, c, _ = timed(runs[name], device)
             wall[name].append(w)
             cpu[name].append(c)
         loads.append(load_average())
         print(f"round {rnd + 1}/{args.repeats} done, load average {loads[-1]}", flush=True)
-    headline = "cpu" if torch.get_num_threads() == 1 else "wall"
+    headline = headline_clock(device)
     results = {}
     for name in names:
         clock = {"wall": wall[name], "cpu": cpu[name]}
@@ -273,9 +348,11 @@ def run_throughput(args, report) -> None:
                     for name in names if name.startswith("calibrate")},
     }
     write_json(args.out, report)
+    machine = report["machine"]
+    where = machine.get("gpu_name") or f"{machine['cpu_count']} cores, {machine['torch_threads']} torch threads"
     print(f"\ncalibration throughput, {len(pairs)} SST-2 pairs, batch {args.batch_size} pairs "
-          f"({2 * args.batch_size} texts); {report['machine']['cpu_count']} cores, "
-          f"{report['machine']['torch_threads']} torch threads; {args.repeats} rounds; headline clock: {headline}")
+          f"({2 * args.batch_size} texts); {device}, {args.dtype}, {where}; {args.repeats} rounds; "
+          f"headline clock: {headline}")
     print("| run | pairs/s (median) | throughput ÷ bare, CPU time | throughput ÷ bare, wall time | target ≥ 0.95 |")
     print("|---|---|---|---|---|")
     for name in names:
@@ -290,7 +367,7 @@ def run_throughput(args, report) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
+    add_model_arguments(parser, device_options=True)
     add_timing_arguments(parser, repeats=5, out="calibration_throughput.json")
     parser.add_argument("--n-pairs", type=int, default=64, help="pairs per timed throughput run")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -320,11 +397,14 @@ def main() -> None:
     if args.worker_n is not None:
         memory_worker(args)
         return
+    args.out = resolve_out(args)
 
     report = {
         "benchmark": "calibration_throughput",
-        "machine": machine_info(),
-        "settings": {"model": "tiny-random" if args.tiny else args.model, "batch_size": args.batch_size,
+        "machine": machine_info(args.device, args.dtype),
+        "settings": {"model": "tiny-random" if args.tiny else args.model, "device": args.device, "dtype": args.dtype,
+                     "memory_measure": "torch.cuda.max_memory_allocated" if model_device(args).type == "cuda"
+                     else "process RSS (VmRSS, VmHWM)", "batch_size": args.batch_size,
                      "padding": "right", "forward_kwargs": {"use_cache": False, "logits_to_keep": 1},
                      "pairs": "SST-2 train (seed 0)", "memory_variant": args.variant, "memory_pool": args.pool,
                      "memory_pool_size": args.pool_size,
@@ -336,7 +416,8 @@ def main() -> None:
         run_memory(args, report)
     write_json(args.out, report)
     if "memory" in report:
-        print("| run | N pairs | peak RSS above loaded model (MiB) | pairs/s |\n|---|---|---|---|")
+        what = "peak GPU memory allocated" if model_device(args).type == "cuda" else "peak RSS"
+        print(f"| run | N pairs | {what} above loaded model (MiB) | pairs/s |\n|---|---|---|---|")
         for key, m in report["memory"].items():
             print(f"| {m['mode']} | {m['n_pairs']} | {m['peak_above_loaded_mib']:.1f} | {m['pairs_per_s']:.2f} |")
         flat = report["memory_flat"]

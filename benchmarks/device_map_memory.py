@@ -6,7 +6,7 @@ once (so that pages the loader mapped lazily count as the model), records its re
 kernel's peak-RSS counter (``/proc/self/clear_refs``), calibrates on N pairs and reads the peak (VmHWM):
 
 * **unsplit**: ``from_pretrained(path)``, every weight in CPU RAM;
-* **split**: ``from_pretrained(path, device_map="auto", max_memory={"cpu": fraction x checkpoint size},
+* **split**: ``from_pretrained(path, device_map="auto", max_memory={"cpu": fraction x weights' size in --dtype},
   offload_folder=tmp)`` — accelerate keeps the first layers in RAM and the rest on disk (their weights stay on the
   ``meta`` device and are read from the checkpoint into RAM for each forward of their layer, then dropped).
 
@@ -23,6 +23,11 @@ freed tensors go back to the kernel and the peak is the live memory.
 
     python benchmarks/device_map_memory.py --threads 1                               # SmolLM2, 64 pairs
     python benchmarks/device_map_memory.py --tiny --threads 1 --n-pairs 4 --no-bare --out /tmp/m.json  # smoke
+
+CPU only: what it measures is the process RSS of a model split over CPU RAM and disk; ``--device cuda`` is refused
+(a GPU form — a model split over GPU and CPU by ``max_memory``, measured by ``torch.cuda.max_memory_allocated`` —
+is not written). ``--dtype bfloat16`` / ``float16`` load the checkpoint in that dtype (results go to
+``device_map_memory_cpu_<dtype>.json``).
 """
 
 from __future__ import annotations
@@ -39,13 +44,24 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import REPO, RESULTS, apply_threads, examples_on_path, load_average, machine_info, write_json  # noqa: E402
+from _bench import (  # noqa: E402
+    REPO,
+    add_out_argument,
+    apply_threads,
+    examples_on_path,
+    load_average,
+    machine_info,
+    resolve_out,
+    write_json,
+)
 
 examples_on_path()
-from _common import add_model_arguments, load  # noqa: E402
+from _common import add_model_arguments, load, model_dtype, require_cpu  # noqa: E402
 
 MODES = ("unsplit", "split")
 MIB = 1024 * 1024
+CPU_ONLY = ("it measures the process RSS of a model split over CPU RAM and disk by device_map (a GPU form is not "
+            "written)")
 
 
 # ------------------------------------------------------------------------------------------------ worker
@@ -104,6 +120,28 @@ def _tokenize_batch(tokenizer, chunk):
     return input_ids, attention_mask
 
 
+def weights_bytes(path: str | Path, dtype: torch.dtype) -> int:
+    """Bytes the checkpoint's tensors take in ``dtype`` (from the safetensors headers; nothing is read beyond them).
+
+    The split's CPU budget is a fraction of this, not of the file size, so that a float32 checkpoint loaded in
+    bfloat16 is split as much as one loaded in float32."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors file in {path}: the split runs need a safetensors checkpoint.")
+    numel = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                shape = handle.get_slice(key).get_shape()
+                count = 1
+                for size in shape:
+                    count *= size
+                numel += count
+    return numel * dtype.itemsize
+
+
 def worker(args) -> None:
     """One measurement in this (fresh) process; writes its JSON to ``--worker-out``."""
     from peft import get_peft_model
@@ -126,13 +164,15 @@ def worker(args) -> None:
     pairs = sst2_pairs(select_examples(load_sst2("train"), args.n_pairs, 0))
     checkpoint_bytes = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
     budget = None
+    dtype = model_dtype(args)
+    model_bytes = weights_bytes(path, dtype)
     with tempfile.TemporaryDirectory(prefix="sadi-offload-") as offload:
         if args.worker_mode == "split":
-            budget = int(checkpoint_bytes * args.cpu_fraction)
+            budget = int(model_bytes * args.cpu_fraction)
             model = AutoModelForCausalLM.from_pretrained(path, device_map="auto", max_memory={"cpu": budget},
-                                                         offload_folder=offload, dtype=torch.float32)
+                                                         offload_folder=offload, dtype=dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         model.eval().requires_grad_(False)
         placement = dict(getattr(model, "hf_device_map", None) or {"": "cpu"})
         decoder = model.model.layers
@@ -169,12 +209,13 @@ def worker(args) -> None:
     report = {
         "mode": args.worker_mode, "bare": args.bare, "n_pairs": len(pairs), "batch_size": args.batch_size,
         "variant": None if args.bare else args.variant,
-        "cpu_budget_bytes": budget, "checkpoint_bytes": checkpoint_bytes,
+        "cpu_budget_bytes": budget, "checkpoint_bytes": checkpoint_bytes, "weights_bytes_in_dtype": model_bytes,
         "placement": {device: sum(1 for v in placement.values() if v == device) for device in set(placement.values())},
         "disk_layers": sorted(k for k, v in placement.items() if v == "disk"),
         "weights_offloaded_mib": on_meta / MIB, "one_decoder_layer_weights_mib": layer_bytes / MIB,
         "widest_batch_tokens": int(widest),
-        "one_layer_mlp_activation_mib_widest_batch": 2 * args.batch_size * widest * config.intermediate_size * 4 / MIB,
+        "one_layer_mlp_activation_mib_widest_batch":
+            2 * args.batch_size * widest * config.intermediate_size * dtype.itemsize / MIB,
         "rss_after_imports_mib": rss_imports / 1024, "rss_after_from_pretrained_mib": rss_after_load / 1024,
         "rss_loaded_mib": loaded["VmRSS"] / 1024, "rss_anon_loaded_mib": loaded["RssAnon"] / 1024,
         "rss_file_loaded_mib": loaded["RssFile"] / 1024,
@@ -197,7 +238,7 @@ def run_case(args, mode: str, bare: bool) -> dict:
         out = Path(tmp) / "worker.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-mode", mode, "--worker-out", str(out),
                "--model", args.model, "--n-pairs", str(args.n_pairs), "--batch-size", str(args.batch_size),
-               "--variant", args.variant, "--cpu-fraction", str(args.cpu_fraction)]
+               "--variant", args.variant, "--cpu-fraction", str(args.cpu_fraction), "--dtype", args.dtype]
         cmd += ["--tiny"] if args.tiny else []
         cmd += ["--bare"] if bare else []
         cmd += ["--threads", str(args.threads)] if args.threads is not None else []
@@ -216,14 +257,15 @@ def run_case(args, mode: str, bare: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
+    add_model_arguments(parser, device_options=True, cpu_only=CPU_ONLY)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads of the workers")
-    parser.add_argument("--out", type=Path, default=RESULTS / "device_map_memory.json", help="JSON file to write")
+    add_out_argument(parser, "device_map_memory.json")
     parser.add_argument("--n-pairs", type=int, default=64, help="SST-2 train pairs calibrated on (seed 0)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--variant", choices=("head", "neuron", "hidden"), default="head")
     parser.add_argument("--cpu-fraction", type=float, default=0.5,
-                        help="split runs: max_memory for the CPU as a fraction of the checkpoint size; the rest of "
+                        help="split runs: max_memory for the CPU as a fraction of the weights' size in --dtype "
+                             "(float32: about the checkpoint size); the rest of "
                              "the layers go to disk")
     parser.add_argument("--no-bare", action="store_true", help="skip the bare-forward references")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=131072,
@@ -232,19 +274,21 @@ def main() -> None:
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    require_cpu(parser, args, CPU_ONLY)
     apply_threads(args.threads)
     if args.worker_mode is not None:
         worker(args)
         return
     if not 0 < args.cpu_fraction < 1:
         raise SystemExit(f"--cpu-fraction {args.cpu_fraction} is invalid: expected a number in (0, 1).")
+    args.out = resolve_out(args)
 
     report = {
         "benchmark": "device_map_memory",
-        "machine": machine_info(),
+        "machine": machine_info(args.device, args.dtype),
         "settings": {"model": "tiny-random" if args.tiny else args.model, "n_pairs": args.n_pairs,
                      "batch_size": args.batch_size, "variant": args.variant, "cpu_fraction": args.cpu_fraction,
-                     "pairs": "SST-2 train (seed 0)", "dtype": "float32",
+                     "pairs": "SST-2 train (seed 0)", "device": args.device, "dtype": args.dtype,
                      "malloc_mmap_threshold": args.malloc_mmap_threshold or "glibc default (dynamic)"},
         "runs": {},
     }
@@ -277,8 +321,9 @@ def main() -> None:
     report["machine"]["load_average_end"] = load_average()
     write_json(args.out, report)
 
-    print(f"\nSADI calibration ({args.variant}) on {args.n_pairs} SST-2 pairs, batch {args.batch_size} pairs; split: "
-          f"max_memory cpu = {args.cpu_fraction:.2f} x checkpoint, {len(split['disk_layers'])} modules on disk")
+    print(f"\nSADI calibration ({args.variant}, {args.dtype}) on {args.n_pairs} SST-2 pairs, batch {args.batch_size} "
+          "pairs; split: "
+          f"max_memory cpu = {args.cpu_fraction:.2f} x weights, {len(split['disk_layers'])} modules on disk")
     print("| run | weights offloaded | loaded RSS | peak RSS | **peak above loaded** | max sampled RssAnon above "
           "loaded | pairs/s |")
     print("|---|---|---|---|---|---|---|")

@@ -19,6 +19,10 @@ recorded per round.
 
     python benchmarks/distributed_calibration.py                                 # SmolLM2, 64 pairs, 3 rounds
     python benchmarks/distributed_calibration.py --tiny --n-pairs 8 --rounds 1 --out /tmp/d.json   # smoke
+
+CPU only: the processes talk through gloo and each gets one CPU thread; ``--device cuda`` is refused (one GPU per
+process with NCCL is a different benchmark, not written). ``--dtype bfloat16`` / ``float16`` load the model in that
+dtype in every process (results go to ``distributed_calibration_cpu_<dtype>.json``).
 """
 
 from __future__ import annotations
@@ -39,11 +43,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import (  # noqa: E402
     REPO,
-    RESULTS,
+    add_out_argument,
     examples_on_path,
     load_average,
     machine_info,
     ratio_summary,
+    resolve_out,
     round_order,
     spread,
     summary,
@@ -51,7 +56,9 @@ from _bench import (  # noqa: E402
 )
 
 examples_on_path()
-from _common import add_model_arguments, load  # noqa: E402
+from _common import add_model_arguments, load, require_cpu  # noqa: E402
+
+CPU_ONLY = "the processes run on CPU cores and all-reduce through gloo (NCCL across GPUs is not written)"
 
 
 # ------------------------------------------------------------------------------------------------ worker
@@ -101,7 +108,7 @@ def launch(args, world: int) -> list[dict]:
         port = str(_free_port())
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-out", tmp, "--model", args.model,
                "--n-pairs", str(args.n_pairs), "--batch-size", str(args.batch_size), "--variant", args.variant,
-               "--timeout", str(args.timeout)]
+               "--timeout", str(args.timeout), "--dtype", args.dtype]
         cmd += ["--tiny"] if args.tiny else []
         procs = []
         for rank in range(world):
@@ -125,8 +132,8 @@ def launch(args, world: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
-    parser.add_argument("--out", type=Path, default=RESULTS / "distributed_calibration.json", help="JSON to write")
+    add_model_arguments(parser, device_options=True, cpu_only=CPU_ONLY)
+    add_out_argument(parser, "distributed_calibration.json")
     parser.add_argument("--n-pairs", type=int, default=64, help="SST-2 train pairs (seed 0), split over the processes")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per forward in every process")
     parser.add_argument("--variant", choices=("head", "neuron", "hidden"), default="head")
@@ -135,17 +142,20 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=600, help="process-group timeout of the workers (s)")
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    require_cpu(parser, args, CPU_ONLY)
     if args.worker_out is not None:
         worker(args)
         return
     if 1 not in args.worlds:
         raise SystemExit(f"--worlds {args.worlds}: include 1, the reference the speed-up is taken against.")
+    args.out = resolve_out(args)
 
     torch.set_num_threads(1)
     report = {
         "benchmark": "distributed_calibration",
-        "machine": machine_info(),
-        "settings": {"model": "tiny-random" if args.tiny else args.model, "n_pairs": args.n_pairs,
+        "machine": machine_info(args.device, args.dtype),
+        "settings": {"model": "tiny-random" if args.tiny else args.model, "device": args.device,
+                     "dtype": args.dtype, "n_pairs": args.n_pairs,
                      "batch_size_per_process": args.batch_size, "variant": args.variant, "backend": "gloo",
                      "torch_threads_per_process": 1, "rounds": args.rounds, "worlds": args.worlds,
                      "pairs": "SST-2 train (seed 0), shard = pairs[rank::world]"},
@@ -189,7 +199,8 @@ def main() -> None:
     report["machine"]["load_average_end"] = load_average()
     write_json(args.out, report)
 
-    print(f"\nSADI calibration ({args.variant}), {args.n_pairs} SST-2 pairs, batch {args.batch_size} pairs per "
+    print(f"\nSADI calibration ({args.variant}, {args.dtype}), {args.n_pairs} SST-2 pairs, batch {args.batch_size} "
+          "pairs per "
           f"process, gloo, 1 torch thread per process; {report['machine']['cpu_count']} cores; {args.rounds} "
           f"rounds; load average per round {loads}")
     print("| processes | pairs/s (wall) | speed-up vs 1 process (wall) | CPU ms per pair | CPU per pair vs 1 process "

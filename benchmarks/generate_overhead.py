@@ -21,6 +21,8 @@ and they are where a per-forward overhead weighs most, so their ratio bounds the
     python benchmarks/generate_overhead.py --threads 1            # SmolLM2-135M-Instruct, 5 rounds, batch 1 and 8
     python benchmarks/generate_overhead.py --tiny --repeats 1 --new-tokens 4 --out /tmp/g.json   # smoke size
     python benchmarks/generate_overhead.py --threads 1 --profile head/last   # + torch.profiler of one config
+    python benchmarks/generate_overhead.py --device cuda --dtype bfloat16   # on a GPU: wall time, JSON in
+                                                              # benchmarks/results/generate_overhead_cuda_bfloat16.json
 """
 
 from __future__ import annotations
@@ -38,13 +40,16 @@ from _bench import (  # noqa: E402
     add_timing_arguments,
     apply_threads,
     examples_on_path,
+    headline_clock,
     load_average,
     machine_info,
     ratio_summary,
+    resolve_out,
     round_order,
     shared_weight_copy,
     spread,
     summary,
+    synchronize,
     timed,
     write_json,
 )
@@ -117,11 +122,12 @@ def build_configs(loaded, tokenizer, args) -> tuple[dict, dict]:
     return models, info
 
 
-def make_inputs(tokenizer, batch_size: int):
+def make_inputs(tokenizer, batch_size: int, device: torch.device):
+    """``batch_size`` left-padded SST-2 validation prompts, on ``device``."""
     prompts = [sst2_prompt(e["text"]) for e in select_examples(load_sst2("validation"), 8, 1)]
     prompts = (prompts * batch_size)[:batch_size]
     tokenizer.padding_side = "left"
-    return tokenizer(prompts, return_tensors="pt", padding=True)
+    return tokenizer(prompts, return_tensors="pt", padding=True).to(device)
 
 
 def generator(model, batch, new_tokens: int, pad_token_id: int):
@@ -180,7 +186,7 @@ def time_decode_steps(models, batches, args) -> dict:
         for bs in args.batch_sizes:
             for name in round_order(names, it):
                 step = steps[bs][name]
-                w, c, _ = timed(step)
+                w, c, _ = timed(step, args.device)
                 step.reset()
                 if it >= args.step_warmup:
                     wall[bs][name].append(w)
@@ -208,16 +214,20 @@ def _no_runs(r: dict) -> dict:
 
 
 def profile(models, batches, args, headline: str) -> dict:
-    """torch.profiler of one generate (batch 1) of the base and of ``args.profile``: the top ops by self CPU time."""
+    """torch.profiler of one generate (batch 1) of the base and of ``args.profile``: the top ops by self CPU time
+    (host time: what a per-forward overhead such as SADI's hooks costs; on a GPU the CUDA kernels are recorded too)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.type == "cuda" else [])
 
     result = {}
     for name in ("base", args.profile):
         run = generator(models[name], batches[1 if 1 in batches else args.batch_sizes[0]], args.new_tokens,
                         args.pad_token_id)
         run()
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch_profile(activities=activities) as prof:
             run()
+            synchronize(args.device)
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows)
         print(f"\n== torch.profiler: {name} (batch 1, {args.new_tokens} new tokens) ==\n{table}")
         events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
@@ -231,7 +241,7 @@ def profile(models, batches, args, headline: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
+    add_model_arguments(parser, device_options=True)
     add_timing_arguments(parser, repeats=5, out="generate_overhead.json")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -250,8 +260,10 @@ def main() -> None:
     parser.add_argument("--profile-rows", type=int, default=20)
     args = parser.parse_args()
     apply_threads(args.threads)
+    args.out = resolve_out(args)
 
     loaded, tokenizer = load(args)
+    args.device = loaded.device  # a torch.device from here on (--device is validated and normalised by the parser)
     loaded.requires_grad_(False)
     loaded.eval()
     args.pad_token_id = tokenizer.pad_token_id
@@ -259,9 +271,9 @@ def main() -> None:
         args.step_index = max(1, args.new_tokens // 2)
     models, info = build_configs(loaded, tokenizer, args)
     names = list(models)
-    headline = "cpu" if torch.get_num_threads() == 1 else "wall"
-    machine = machine_info()
-    batches = {bs: make_inputs(tokenizer, bs) for bs in args.batch_sizes}
+    headline = headline_clock(args.device)
+    machine = machine_info(args.device, args.dtype)
+    batches = {bs: make_inputs(tokenizer, bs, args.device) for bs in args.batch_sizes}
 
     # warm-up (untimed) + output checks: every steered model must generate something else than the base, every
     # merged model the same tokens as its unmerged positions="all" adapter
@@ -284,7 +296,7 @@ def main() -> None:
     for rnd in range(args.repeats):
         for bs in args.batch_sizes:
             for name in round_order(names, rnd):
-                w, c, _ = timed(generator(models[name], batches[bs], args.new_tokens, args.pad_token_id))
+                w, c, _ = timed(generator(models[name], batches[bs], args.new_tokens, args.pad_token_id), args.device)
                 wall[bs][name].append(w)
                 cpu[bs][name].append(c)
         loads.append(load_average())
@@ -337,7 +349,8 @@ def main() -> None:
         "machine": machine,
         "load_average_per_round": loads,
         "settings": {
-            "model": "tiny-random" if args.tiny else args.model, "batch_sizes": args.batch_sizes,
+            "model": "tiny-random" if args.tiny else args.model, "device": str(args.device), "dtype": args.dtype,
+            "batch_sizes": args.batch_sizes,
             "new_tokens": args.new_tokens, "greedy": True, "repeats": args.repeats, "top_k": args.top_k,
             "delta": args.delta, "n_pairs": args.n_pairs, "headline_clock": headline,
             "padding": "left", "prompts": "SST-2 validation (seed 1)", "step_iterations": args.step_iterations,
@@ -352,8 +365,9 @@ def main() -> None:
         report["profile"] = profile(models, batches, args, headline)
     write_json(args.out, report)
 
-    print(f"\ngenerate, {args.new_tokens} new tokens, greedy; {machine['cpu_count']} cores, "
-          f"{machine['torch_threads']} torch threads; {args.repeats} rounds; ratio = config / base per round, "
+    where = machine.get("gpu_name") or f"{machine['cpu_count']} cores, {machine['torch_threads']} torch threads"
+    print(f"\ngenerate, {args.new_tokens} new tokens, greedy; {args.device}, {args.dtype}, {where}; "
+          f"{args.repeats} rounds; ratio = config / base per round, "
           f"median [min–max]; headline clock: {headline} time")
     print("| config | batch | base s | config s | generate ratio, CPU | generate ratio, wall | decode step ms "
           "(base / config) | decode-step ratio, CPU [p25–p75] | decode-step ratio, wall [p25–p75] |")

@@ -6,21 +6,26 @@ then reports the wall times, their ratio, the machine's core count and torch's t
 
     python benchmarks/search_cache.py                       # 30 grid points, 200 SST-2 validation sentences
     python benchmarks/search_cache.py --n-eval 8 --tiny     # smoke size (CI)
+    python benchmarks/search_cache.py --device cuda --dtype bfloat16   # on a GPU (-> search_cache_cuda_bfloat16.json)
+
+On a GPU the clocks are read after ``torch.cuda.synchronize()``; the ratio is then one of wall times (the CPU time
+is in the JSON too, but measures only the host's part).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import add_out_argument, examples_on_path, machine_info, resolve_out, timed, write_json  # noqa: E402
+
+examples_on_path()
 from _common import add_model_arguments, load  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
@@ -33,18 +38,20 @@ GRID = [(k, d) for k in (1, 2, 4, 6, 8, 10) for d in (4.0, 9.0, 14.0, 24.0, 34.0
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
+    add_model_arguments(parser, device_options=True)
     parser.add_argument("--n-pairs", type=int, default=64)
     parser.add_argument("--n-eval", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1, help="timed repetitions of each search (order alternates)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/search_cache.json"))
+    add_out_argument(parser, "search_cache.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.out = resolve_out(args)
 
     model, tokenizer = load(args)
+    device = model.device
     model = get_peft_model(model, sadi_peft.SADIConfig(variant="head", top_k=4, delta=9.0, positions="last"))
     train = load_sst2("train")
     sadi_peft.calibrate(model, tokenizer, sst2_pairs(select_examples(train, args.n_pairs, 0)), show_progress=False)
@@ -59,16 +66,21 @@ def main() -> None:
     for rep in range(args.repeats):
         order = ("naive", "cached") if rep % 2 == 0 else ("cached", "naive")
         for mode in order:
-            start, cpu_start = time.perf_counter(), time.process_time()
-            results[mode] = grid_search(model, tokenizer, items, grid, cached=(mode == "cached"),
-                                        batch_size=args.batch_size, show_progress=False)
-            times[mode].append(time.perf_counter() - start)
-            cpu[mode].append(time.process_time() - cpu_start)
+            wall_s, cpu_s, results[mode] = timed(
+                lambda mode=mode: grid_search(model, tokenizer, items, grid, cached=(mode == "cached"),
+                                              batch_size=args.batch_size, show_progress=False),
+                device,
+            )
+            times[mode].append(wall_s)
+            cpu[mode].append(cpu_s)
     same = [a["accuracy"] for a in results["naive"]] == [a["accuracy"] for a in results["cached"]]
     max_diff = max(float((a["scores"] - b["scores"]).abs().max()) for a, b in zip(results["naive"], results["cached"]))
     naive, cached = statistics.median(times["naive"]), statistics.median(times["cached"])
+    machine = machine_info(device, args.dtype)
     report = {
-        "model": "tiny-random" if args.tiny else args.model, "grid_points": len(grid), "examples": len(items),
+        "model": "tiny-random" if args.tiny else args.model, "device": str(device), "dtype": args.dtype,
+        "gpu_name": machine.get("gpu_name"), "headline_clock": "wall",
+        "grid_points": len(grid), "examples": len(items),
         "batch_size": args.batch_size, "repeats": args.repeats, "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "naive_s": times["naive"], "cached_s": times["cached"],
         "naive_median_s": naive, "cached_median_s": cached, "ratio": naive / cached,
@@ -77,13 +89,14 @@ def main() -> None:
         "load_average": os.getloadavg(),
         "identical_accuracies": same, "max_score_diff": max_diff,
         "accuracies": [{"top_k": r["top_k"], "delta": r["delta"], "accuracy": r["accuracy"]} for r in results["cached"]],
+        "machine": machine,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_json(args.out, report)
+    where = machine.get("gpu_name") or f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     print("| search | median wall s | grid points x examples |\n|---|---|---|")
     print(f"| naive  | {naive:.2f} | {len(grid)} x {len(items)} |\n| cached | {cached:.2f} | {len(grid)} x {len(items)} |")
     print(f"ratio naive / cached: {naive / cached:.1f}x wall, {report['cpu_ratio']:.1f}x CPU; identical accuracies: {same}; max |score diff| {max_diff:.2e}; "
-          f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads -> {args.out}")
+          f"{device}, {args.dtype}, {where} -> {args.out}")
     if not same:
         raise SystemExit(1)
 
