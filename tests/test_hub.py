@@ -371,7 +371,7 @@ from transformers import AutoModelForCausalLM
 from sadi_peft.hub import NotASADIAdapterError, load_adapter_config
 
 spec = json.loads(sys.argv[1])
-ref = torch.load(spec["reference"])
+ref = torch.load(spec["reference"], weights_only=True)
 out = {}
 
 def same(model, key):
