@@ -132,7 +132,7 @@ def run_one(args, task, method: str) -> dict:
         k_grid, delta_grid = (K_GRID[variant], DELTA_GRID) if positions == "last" else ALL_GRID[variant]
         grid = [(k, d) for k in k_grid if k <= units for d in delta_grid]
         results = grid_search(model, tokenizer, items_of(tokenizer, validation), grid, cached=(positions == "last"),
-                              batch_size=args.batch_size, show_progress=False)
+                              batch_size=args.search_batch_size, show_progress=False)
         for r in results:
             r["metric"] = task_metric(task, validation, r["scores"])
         best = max(results, key=lambda r: (r["metric"], -r["top_k"], -r["delta"]))
@@ -168,7 +168,7 @@ def run_one(args, task, method: str) -> dict:
         else:
             raise ValueError(f"unknown method {method!r}; known: {METHODS}")
         selection = base.select_on_validation(model, tokenizer, validation, grid, "validation",
-                                              batch_size=args.batch_size)
+                                              batch_size=args.search_batch_size)
         points = selection.results
         values = [task_metric(task, validation, r["scores"]) for r in points]
         best_index = values.index(max(values))  # first maximum, as the selection does for accuracy
@@ -194,7 +194,11 @@ def main() -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     parser.add_argument("--data-dir", default=None, help="task data folder (default: $SADI_DATA_DIR, ../shared/data)")
     parser.add_argument("--n-pairs", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="pairs per calibration forward; sequences per "
+                        "scoring forward")
+    parser.add_argument("--search-batch-size", type=int, default=64,
+                        help="examples per batch of the validation searches (a prefix-cached search amortises the "
+                        "weight reads of its one-token forwards over the batch; benchmarks/README.md section 7)")
     parser.add_argument("--max-validation", type=int, default=200,
                         help="seeded random subsample of the validation split used for selection (default 200)")
     parser.add_argument("--max-test", type=int, default=500,
