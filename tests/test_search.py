@@ -38,6 +38,15 @@ def test_cached_search_matches_naive_search(attn):
     assert not torch.allclose(cached[0]["scores"], cached[3]["scores"])
 
 
+def _alone(model, item, j) -> float:
+    """Mean log-prob of option ``j``: prompt + option through the model on its own, prompt end pinned."""
+    option, n = item.option_ids[j], len(item.prompt_ids)
+    ids = torch.tensor([item.prompt_ids + option])
+    with torch.no_grad(), sadi_peft.prompt_boundary(model, torch.tensor([[1] * n + [0] * len(option)])):
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0], -1)
+    return logprobs[torch.arange(n - 1, n - 1 + len(option)), torch.tensor(option)].mean().item()
+
+
 def test_naive_scores_equal_one_by_one_steered_scoring():
     """Independent check of the scorer: per example, per option, prompt + option through the model alone."""
     model = get_peft_model(tiny_llama(), sadi_peft.SADIConfig(top_k=2, delta=10.0, positions="last"))
@@ -45,13 +54,8 @@ def test_naive_scores_equal_one_by_one_steered_scoring():
     items = [encode_choice_item(TOK, p, c, y) for p, c, y in EXAMPLES]
     result = grid_search(model, TOK, items, [(2, 10.0)], cached=True, batch_size=4, show_progress=False)[0]
     for i, item in enumerate(items):
-        for j, option in enumerate(item.option_ids):
-            n = len(item.prompt_ids)
-            ids = torch.tensor([item.prompt_ids + option])
-            with torch.no_grad(), sadi_peft.prompt_boundary(model, torch.tensor([[1] * n + [0] * len(option)])):
-                logprobs = torch.log_softmax(model(input_ids=ids).logits[0], -1)
-            expected = logprobs[torch.arange(n - 1, n - 1 + len(option)), torch.tensor(option)].mean()
-            assert result["scores"][i, j].item() == pytest.approx(expected.item(), abs=1e-5)
+        for j in range(len(item.option_ids)):
+            assert result["scores"][i, j].item() == pytest.approx(_alone(model, item, j), abs=1e-5)
 
 
 def test_cached_search_refuses_all_positions():
@@ -92,13 +96,8 @@ def test_single_token_options_are_read_from_one_row_with_the_same_scores(positio
     assert all(len(o) == 1 for item in single for o in item.option_ids)
     scores = score_naive(model, items, pad_token_id=0, batch_size=3)
     for i, item in enumerate(items):
-        for j, option in enumerate(item.option_ids):
-            n = len(item.prompt_ids)
-            ids = torch.tensor([item.prompt_ids + option])
-            with torch.no_grad(), sadi_peft.prompt_boundary(model, torch.tensor([[1] * n + [0] * len(option)])):
-                logprobs = torch.log_softmax(model(input_ids=ids).logits[0], -1)
-            expected = logprobs[torch.arange(n - 1, n - 1 + len(option)), torch.tensor(option)].mean()
-            assert scores[i, j].item() == pytest.approx(expected.item(), abs=1e-5)
+        for j in range(len(item.option_ids)):
+            assert scores[i, j].item() == pytest.approx(_alone(model, item, j), abs=1e-5)
         assert torch.isinf(scores[i, len(item.option_ids):]).all()
 
 
