@@ -259,3 +259,19 @@ def shared_weight_copy(model: torch.nn.Module) -> torch.nn.Module:
 
     memo = {id(p): p for p in model.parameters()}
     return copy.deepcopy(model, memo)
+
+
+def calibration_batch(tokenizer, chunk) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch ``sadi_peft.calibrate`` builds for ``chunk`` of (prompt, positive, negative) pairs: positives then
+    negatives, the exact texts calibration reads, right-padded, as (input_ids, attention_mask)."""
+    from sadi_peft.calibration import _join
+
+    texts = [tokenizer(_join(p, y, " ", True))["input_ids"] for p, y, _ in chunk]
+    texts += [tokenizer(_join(p, n, " ", True))["input_ids"] for p, _, n in chunk]
+    width = max(len(t) for t in texts)
+    input_ids = torch.full((len(texts), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(texts), width), dtype=torch.long)
+    for row, ids in enumerate(texts):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask

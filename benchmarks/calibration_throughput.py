@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import (  # noqa: E402
     REPO,
     add_timing_arguments,
+    calibration_batch,
     apply_threads,
     examples_on_path,
     gpu_memory_mib,
@@ -68,7 +69,6 @@ from _common import add_model_arguments, load, model_device  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
 import sadi_peft  # noqa: E402
-from sadi_peft.calibration import _join  # noqa: E402  (the exact text calibration reads)
 from sadi_peft.tasks import load_sst2, select_examples, sst2_pairs  # noqa: E402
 
 VARIANTS = ("head", "neuron", "hidden")
@@ -76,17 +76,7 @@ TARGET = 0.95
 
 
 # ------------------------------------------------------------------------------------------------ bare forward
-def tokenize_batch(tokenizer, chunk):
-    """The batch calibration builds for ``chunk``: positives then negatives, right-padded, as tensors."""
-    texts = [tokenizer(_join(p, y, " ", True))["input_ids"] for p, y, _ in chunk]
-    texts += [tokenizer(_join(p, n, " ", True))["input_ids"] for p, _, n in chunk]
-    width = max(len(t) for t in texts)
-    input_ids = torch.full((len(texts), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(texts), width), dtype=torch.long)
-    for row, ids in enumerate(texts):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
-    return input_ids, attention_mask
+tokenize_batch = calibration_batch  # the batch calibration builds (benchmarks/_bench.py)
 
 
 def chunks(pairs, batch_size):

@@ -48,6 +48,7 @@ from _bench import (  # noqa: E402
     REPO,
     add_out_argument,
     apply_threads,
+    calibration_batch,
     examples_on_path,
     load_average,
     machine_info,
@@ -106,18 +107,7 @@ class _LayerSampler:
         return handles
 
 
-def _tokenize_batch(tokenizer, chunk):
-    from sadi_peft.calibration import _join  # the exact text calibration reads
-
-    texts = [tokenizer(_join(p, y, " ", True))["input_ids"] for p, y, _ in chunk]
-    texts += [tokenizer(_join(p, n, " ", True))["input_ids"] for p, _, n in chunk]
-    width = max(len(t) for t in texts)
-    input_ids = torch.full((len(texts), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(texts), width), dtype=torch.long)
-    for row, ids in enumerate(texts):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
-    return input_ids, attention_mask
+_tokenize_batch = calibration_batch  # the batch calibration builds (benchmarks/_bench.py)
 
 
 def weights_bytes(path: str | Path, dtype: torch.dtype) -> int:
