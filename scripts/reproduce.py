@@ -5,7 +5,9 @@ present, so a run can be stopped and resumed across sittings.
 For each task: calibration pairs come from the task's ``pairs`` split, every hyperparameter (K and delta for SADI,
 the random mask and fixed steering; layer and multiplier for CAA; K and alpha for ITI) is chosen on the
 ``validation`` split only, and the chosen configuration is scored once on the ``test`` split. Scoring is
-restricted-choice log-likelihood (length-normalised) for every method.
+restricted-choice log-likelihood (length-normalised) for every multiple-choice task, and greedy generation + exact
+match against the aliases (at most ``--max-new-tokens`` tokens, cut at the first newline) for TriviaQA, in the
+selection and on the test split alike.
 
     python scripts/reproduce.py --out results/smollm2                     # everything (hours on 2 CPU cores)
     python scripts/reproduce.py --tasks copa,sst2 --methods none,sadi-head-last --out results/smollm2
@@ -31,13 +33,19 @@ from peft import get_peft_model  # noqa: E402
 
 import sadi_peft  # noqa: E402
 from sadi_peft.harness import baselines  # noqa: E402
+from sadi_peft.harness.generation import (  # noqa: E402
+    encode_generation_item,
+    evaluate_generation,
+    generation_grid_search,
+)
 from sadi_peft.harness.search import encode_choice_item, grid_search  # noqa: E402
 from sadi_peft.tasks import get_task, select_examples  # noqa: E402
 from sadi_peft.tasks.protocols import mc2  # noqa: E402
 
 logger = logging.getLogger("reproduce")
 
-TASKS = ["copa", "sst2", "boolq", "arc_easy", "arc_challenge", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2", "winogrande"]
+TASKS = ["copa", "sst2", "boolq", "arc_easy", "arc_challenge", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2", "winogrande",
+         "triviaqa"]
 METHODS = [
     "none",
     *[f"sadi-{v}-{p}" for v in ("head", "neuron", "hidden") for p in ("last", "all")],
@@ -65,13 +73,34 @@ def write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def items_of(tokenizer, examples):
+def generative(task) -> bool:
+    """Tasks scored by greedy generation + exact match (TriviaQA) rather than by choice log-likelihood."""
+    return task.default_protocol == "generate"
+
+
+def items_of(tokenizer, task, examples, max_new_tokens: int):
+    if generative(task):
+        return [encode_generation_item(tokenizer, e.prompt, e.answers or (e.gold,), max_new_tokens=max_new_tokens)
+                for e in examples]
     return [encode_choice_item(tokenizer, e.prompt, e.choices, e.label) for e in examples]
+
+
+def evaluate_test(args, task, model, tokenizer, test) -> tuple[float, int]:
+    """The task's metric on the test examples, the model as it runs now (the one scoring of the test split)."""
+    if generative(task):
+        items = items_of(tokenizer, task, test, args.max_new_tokens)
+        result = evaluate_generation(model, tokenizer, items, batch_size=args.batch_size)
+        return result["accuracy"], result["n"]
+    result = baselines.evaluate_items(model, tokenizer, test, batch_size=args.batch_size)
+    return task_metric(task, test, result["scores"]), result["n"]
 
 
 def task_metric(task, examples, scores: torch.Tensor) -> float:
     """The task's metric from ``[n, options]`` choice scores (``[seeds, n, options]``: mean over seeds): TruthfulQA
-    MC2 (probability mass on the true options) for ``truthfulqa_mc2``, else accuracy."""
+    MC2 (probability mass on the true options) for ``truthfulqa_mc2``, else accuracy. For a generative task the
+    "scores" are the per-example exact-match outcomes (``[n]``, ``[seeds, n]``): their mean."""
+    if generative(task):
+        return float(scores.double().mean())
     if scores.dim() == 3:
         return sum(task_metric(task, examples, s) for s in scores) / scores.shape[0]
     if task.metric == "mc2":
@@ -119,29 +148,34 @@ def run_one(args, task, method: str) -> dict:
                                  args.seed, balanced=False)
     test = select_examples(split_examples["test"], min(args.max_test, available["test"]), args.seed, balanced=False)
     record = {"task": task.name, "method": method, "split": "test", "model": "tiny-random" if args.tiny else args.model,
-              "protocol": "choice", "metric": task.metric, "seed": args.seed, "num_pairs": len(pairs), "n_validation": len(validation),
-              "available": available, "torch_threads": torch.get_num_threads()}
+              "protocol": "generate" if generative(task) else "choice", "metric": task.metric, "seed": args.seed,
+              "num_pairs": len(pairs), "n_validation": len(validation), "available": available,
+              "torch_threads": torch.get_num_threads()}
+    if generative(task):
+        record["max_new_tokens"] = args.max_new_tokens
+    validation_items = items_of(tokenizer, task, validation, args.max_new_tokens)
 
     if method == "none":
-        result = baselines.evaluate_items(model, tokenizer, test, batch_size=args.batch_size)
-        record.update(accuracy=task_metric(task, test, result["scores"]), n=result["n"], chosen={})
+        accuracy, n = evaluate_test(args, task, model, tokenizer, test)
+        record.update(accuracy=accuracy, n=n, chosen={})
     elif method.startswith("sadi-"):
         _, variant, positions = method.split("-")
         model = calibrated(args, task, model, tokenizer, pairs, variant, positions)
         units = sum(model.peft_config["default"].unit_counts.values())
         k_grid, delta_grid = (K_GRID[variant], DELTA_GRID) if positions == "last" else ALL_GRID[variant]
         grid = [(k, d) for k in k_grid if k <= units for d in delta_grid]
-        results = grid_search(model, tokenizer, items_of(tokenizer, validation), grid, cached=(positions == "last"),
-                              batch_size=args.search_batch_size, show_progress=False)
+        search = generation_grid_search if generative(task) else grid_search
+        results = search(model, tokenizer, validation_items, grid, cached=(positions == "last"),
+                         batch_size=args.search_batch_size, show_progress=False)
         for r in results:
-            r["metric"] = task_metric(task, validation, r["scores"])
+            r["metric"] = r["accuracy"] if generative(task) else task_metric(task, validation, r["scores"])
         best = max(results, key=lambda r: (r["metric"], -r["top_k"], -r["delta"]))
         sadi_peft.apply_top_k(model, best["top_k"])
         sadi_peft.set_delta(model, best["delta"])
-        result = baselines.evaluate_items(model, tokenizer, test, batch_size=args.batch_size)
+        accuracy, n = evaluate_test(args, task, model, tokenizer, test)
         if args.save_adapters:  # the chosen adapter, before the result file that vouches for it
             model.save_pretrained(args.out / task.name / f"{method}.adapter")
-        record.update(accuracy=task_metric(task, test, result["scores"]), n=result["n"],
+        record.update(accuracy=accuracy, n=n,
                       chosen={"top_k": best["top_k"], "delta": best["delta"]}, validation_accuracy=best["metric"],
                       grid=[{"top_k": r["top_k"], "delta": r["delta"], "accuracy": r["metric"]} for r in results])
     else:
@@ -167,20 +201,20 @@ def run_one(args, task, method: str) -> dict:
             grid = [(k, a) for k, a in ITI_GRID if k <= len(base.ranking)]
         else:
             raise ValueError(f"unknown method {method!r}; known: {METHODS}")
-        selection = base.select_on_validation(model, tokenizer, validation, grid, "validation",
+        selection = base.select_on_validation(model, tokenizer, validation_items, grid, "validation",
                                               batch_size=args.search_batch_size)
         points = selection.results
         values = [task_metric(task, validation, r["scores"]) for r in points]
         best_index = values.index(max(values))  # first maximum, as the selection does for accuracy
-        if task.metric != "accuracy":  # the baseline configured at the best point of the task's own metric
+        if task.metric == "mc2":  # the baseline configured at the best point of the task's own metric
             point = {k: v for k, v in points[best_index].items() if k not in ("accuracy", "n", "scores")}
-            selection = base.select_on_validation(model, tokenizer, validation[:1], [point], "validation",
+            selection = base.select_on_validation(model, tokenizer, validation_items[:1], [point], "validation",
                                                   batch_size=args.batch_size)
         with selection.baseline.apply(model):
-            result = baselines.evaluate_items(model, tokenizer, test, batch_size=args.batch_size)
+            accuracy, n = evaluate_test(args, task, model, tokenizer, test)
         grid_rows = [{k: v for k, v in r.items() if k not in ("scores", "accuracy")} | {"accuracy": value}
                      for r, value in zip(points, values)]
-        record.update(accuracy=task_metric(task, test, result["scores"]), n=result["n"], chosen=selection.best,
+        record.update(accuracy=accuracy, n=n, chosen=selection.best,
                       validation_accuracy=values[best_index], grid=grid_rows)
     record["wall_seconds"] = time.perf_counter() - started
     record["cpu_seconds"] = time.process_time() - cpu_started  # the steadier clock on a shared machine
@@ -203,6 +237,8 @@ def main() -> int:
                         help="seeded random subsample of the validation split used for selection (default 200)")
     parser.add_argument("--max-test", type=int, default=500,
                         help="seeded random subsample of the test split that is scored (default 500)")
+    parser.add_argument("--max-new-tokens", type=int, default=16,
+                        help="greedy tokens per answer on generative tasks (TriviaQA), in selection and test alike")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-save-adapters", dest="save_adapters", action="store_false",
                         help="do not save the chosen SADI adapters (default: <out>/<task>/<method>.adapter/)")

@@ -27,3 +27,14 @@ def data_dir() -> Path:
         return resolve_data_dir()
     except FileNotFoundError as exc:
         pytest.skip(f"task data unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smollm2_path):
+    """The demo model's tokenizer, with its EOS as pad token (batched scoring needs one)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -87,3 +87,27 @@ def test_report_flags_partial_averages_and_lists_the_chosen_hyperparameters(tmp_
     assert "| sadi-head-last | 100.00 (n=4) | – | 100.00 (1 of 2 tasks) |" in text
     assert text.index("| none |") < text.index("| sadi-head-last |")
     assert "| copa | sadi-head-last | top_k=2, delta=9 | 50.00 |" in report.details(table)
+
+
+@pytest.mark.slow
+def test_search_scores_the_tasks_own_metric(tmp_path, smollm2_path, data_dir):
+    """TriviaQA is searched by greedy-generation exact match (a single gold "choice" would score 100 % everywhere),
+    TruthfulQA MC2 by MC2; the unsteered validation value equals what `eval` reports on the same examples."""
+    common = ["--data-dir", str(data_dir), "--no-progress", "--n-pairs", "4", "--k-grid", "1", "--delta-grid", "2,9"]
+    trivia = cli("search", "--task", "triviaqa", "--limit", "4", "--max-new-tokens", "4", "--out", "tq", *common,
+                 cwd=tmp_path)
+    assert trivia.returncode == 0, trivia.stderr[-3000:]
+    grid = json.loads((tmp_path / "tq" / "grid.json").read_text())
+    assert grid["protocol"] == "generate" and grid["metric"] == "exact_match" and len(grid["grid"]) == 2
+    assert all(g["accuracy"] * 4 == int(g["accuracy"] * 4) and g["accuracy"] < 1 for g in grid["grid"])
+
+    mc2 = cli("search", "--task", "truthfulqa_mc2", "--limit", "3", "--out", "mc2", *common, cwd=tmp_path)
+    assert mc2.returncode == 0, mc2.stderr[-3000:]
+    grid = json.loads((tmp_path / "mc2" / "grid.json").read_text())
+    assert grid["protocol"] == "choice" and grid["metric"] == "mc2"
+    evaluated = cli("eval", "--task", "truthfulqa_mc2", "--split", "validation", "--limit", "3", "--out", "e.json",
+                    "--data-dir", str(data_dir), "--no-progress", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    reference = json.loads((tmp_path / "e.json").read_text())["accuracy"]
+    assert grid["baseline_accuracy"] == pytest.approx(reference, abs=1e-5)
+    assert 0 < reference < 1

@@ -42,3 +42,17 @@ def test_reproduce_smoke_and_resume(tmp_path, smollm2_path, data_dir):
     baseline = json.loads((tmp_path / "results" / "copa" / "none.json").read_text())["accuracy"]
     assert "base_model: org/base" in card and "| copa |" in card and f"{baseline:.4g}" in card
     assert f"top_k={record['chosen']['top_k']}" in card
+
+
+def test_reproduce_triviaqa_selects_and_scores_by_generation(tmp_path, smollm2_path, data_dir):
+    args = [str(REPO / "scripts" / "reproduce.py"), "--tiny", "--tasks", "triviaqa", "--methods",
+            "none,sadi-head-last,caa", "--limit", "4", "--n-pairs", "4", "--max-new-tokens", "3", "--data-dir",
+            str(data_dir), "--out", "results"]
+    result = run(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for method in ("none", "sadi-head-last", "caa"):
+        record = json.loads((tmp_path / "results" / "triviaqa" / f"{method}.json").read_text())
+        assert record["protocol"] == "generate" and record["metric"] == "exact_match"
+        assert record["max_new_tokens"] == 3 and record["n"] == 4 and 0 <= record["accuracy"] <= 1
+    sadi = json.loads((tmp_path / "results" / "triviaqa" / "sadi-head-last.json").read_text())
+    assert len(sadi["grid"]) > 1 and sadi["validation_accuracy"] == max(g["accuracy"] for g in sadi["grid"])

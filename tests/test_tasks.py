@@ -381,16 +381,6 @@ def test_normalisation():
 
 
 @pytest.fixture(scope="module")
-def smol_tokenizer(smollm2_path):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-@pytest.fixture(scope="module")
 def tiny(smol_tokenizer):
     from tiny_models import tiny_llama
 

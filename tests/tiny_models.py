@@ -23,6 +23,22 @@ class CharTokenizer:
     def __call__(self, text: str, add_special_tokens: bool = True, **kwargs):
         return {"input_ids": self.encode(text, add_special_tokens)}
 
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """One character per id: the first printable ASCII character that encodes to it ("\\n" for the newline id);
+        pad/BOS/EOS as ``<pad>``/``<s>``/``</s>`` unless skipped."""
+        special = {0: "<pad>", self.bos_token_id: "<s>", self.eos_token_id: "</s>"}
+        table: dict[int, str] = {}
+        for code in range(32, 127):
+            table.setdefault(3 + code % (self.vocab_size - 3), chr(code))
+        table[3 + ord("\n") % (self.vocab_size - 3)] = "\n"
+        out = []
+        for i in (int(x) for x in ids):
+            if i in special:
+                out.append("" if skip_special_tokens else special[i])
+            else:
+                out.append(table.get(i, "?"))
+        return "".join(out)
+
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
     params = dict(

@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "search", help="K x delta grid on the validation split -> best adapter, grid JSON, heatmap",
         description="Calibrate a SADI adapter once on the task's pair split, score every (K, delta) point on the "
-        "task's VALIDATION split (restricted-choice log-likelihood; for positions='last' the prompt prefix's KV "
+        "task's VALIDATION split (the task's metric: restricted-choice log-likelihood accuracy, TruthfulQA MC2 for "
+        "truthfulqa_mc2, greedy-generation exact match for TriviaQA; for positions='last' the prompt prefix's KV "
         "cache is reused across grid points), and save the best adapter, grid.json and heatmap.png. The test split "
         "is never used for selection.",
     )
@@ -35,6 +36,8 @@ def register(subparsers) -> None:
     parser.add_argument("--delta-grid", type=lambda t: _numbers(t, float), default=[4.0, 9.0, 14.0, 24.0, 34.0],
                         help="delta values (gain = 1 + delta)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N validation examples")
+    parser.add_argument("--max-new-tokens", type=int, default=16,
+                        help="generative tasks (TriviaQA): greedy tokens per answer (default 16, as `eval`)")
     parser.add_argument("--naive", action="store_true", help="no KV-cache reuse (reference implementation)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.set_defaults(func=run)
@@ -45,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
 
     import sadi_peft
     from sadi_peft.harness.baselines import evaluate_items
+    from sadi_peft.harness.generation import encode_generation_item, evaluate_generation, generation_grid_search
     from sadi_peft.harness.search import encode_choice_item, grid_search
     from sadi_peft.tasks import get_task, require_selection_split
+    from sadi_peft.tasks.protocols import mc2
 
     split = require_selection_split("validation")
     task = get_task(args.task)
@@ -59,13 +64,30 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     sadi_peft.calibrate(model, tokenizer, pairs, batch_size=args.batch_size, show_progress=not args.no_progress)
     calibration_s = time.perf_counter() - start
-    items = [encode_choice_item(tokenizer, e.prompt, e.choices, e.label) for e in examples]
+    generative = task.default_protocol == "generate"
+    if generative:
+        items = [encode_generation_item(tokenizer, e.prompt, e.answers or (e.gold,), max_new_tokens=args.max_new_tokens)
+                 for e in examples]
+        search, score = generation_grid_search, evaluate_generation
+    else:
+        items = [encode_choice_item(tokenizer, e.prompt, e.choices, e.label) for e in examples]
+        search, score = grid_search, evaluate_items
+
+    def metric(result) -> float:  # the task's own metric (MC2: probability mass on the true options)
+        if task.metric != "mc2":
+            return result["accuracy"]
+        values = [mc2([float(x) for x in row[: len(e.choices)]], e.true_labels or (e.label,))
+                  for e, row in zip(examples, result["scores"])]
+        return sum(values) / len(values)
+
     grid = [(k, d) for k in args.k_grid for d in args.delta_grid]
     with model.disable_adapter():  # scored exactly like the grid points
-        baseline = evaluate_items(model, tokenizer, examples, batch_size=args.batch_size)["accuracy"]
+        baseline = metric(score(model, tokenizer, items, batch_size=args.batch_size))
     start = time.perf_counter()
-    results = grid_search(model, tokenizer, items, grid, cached=(args.positions == "last" and not args.naive),
-                          batch_size=args.batch_size, show_progress=not args.no_progress)
+    results = search(model, tokenizer, items, grid, cached=(args.positions == "last" and not args.naive),
+                     batch_size=args.batch_size, show_progress=not args.no_progress)
+    for r in results:
+        r["accuracy"] = metric(r)
     search_s = time.perf_counter() - start
     best = max(results, key=lambda r: (r["accuracy"], -r["top_k"], -abs(r["delta"])))  # ties: smaller K, delta
     sadi_peft.apply_top_k(model, best["top_k"])
@@ -73,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     sadi_peft.save_pretrained(model, args.out / "adapter")
     payload = {
         "task": task.name, "selection_split": split, "n": len(items), "model": args.model, "variant": args.variant,
+        "metric": task.metric, "protocol": "generate" if generative else "choice",
         "positions": args.positions, "num_pairs": len(pairs), "seed": args.seed,
         "cached": args.positions == "last" and not args.naive, "calibration_seconds": calibration_s,
         "search_seconds": search_s, "baseline_accuracy": baseline,
@@ -110,7 +133,7 @@ def _heatmap(payload: dict, path: Path):
     for i, row in enumerate(values):
         for j, value in enumerate(row):
             ax.text(j, i, f"{100 * value:.1f}", ha="center", va="center", color="white", fontsize=8)
-    ax.set_title(f"{payload['task']} validation accuracy (unsteered {100 * payload['baseline_accuracy']:.1f})")
+    ax.set_title(f"{payload['task']} validation {payload.get('metric', 'accuracy')} (unsteered {100 * payload['baseline_accuracy']:.1f})")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

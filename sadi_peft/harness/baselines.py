@@ -43,7 +43,9 @@ Conventions shared by all of them:
   prompt token changes between grid points, so each batch's prompt prefix runs once and every point only on the
   last prompt token + options (:func:`sadi_peft.harness.search.score_under`), as in the SADI grid search; with
   ``"all"`` every point runs prompt + option in full (:func:`sadi_peft.harness.search.score_naive`). Both give the
-  same accuracies (tested). Ties between grid points keep the first one.
+  same accuracies (tested). Ties between grid points keep the first one. Items given as
+  :class:`~sadi_peft.harness.generation.GenerationItem` s (TriviaQA) are scored by greedy-generation exact match
+  instead, with the same prefix-cache rule (:func:`sadi_peft.harness.generation.generate_under`).
 
 Strength conventions: fixed steering uses SADI's ``delta`` as the multiplier of the raw mean difference D; CAA's
 ``alpha`` multiplies the **raw** (unnormalised) mean difference, as in Rimsky et al. 2024 (multipliers such as -1, 1,
@@ -68,6 +70,7 @@ from tqdm.auto import tqdm
 import sadi_peft
 from sadi_peft.architectures import ARCHITECTURES, num_attention_heads
 from sadi_peft.calibration import normalize_pair
+from sadi_peft.harness.generation import GenerationItem, exact_match, generate_under
 from sadi_peft.harness.search import ChoiceItem, accuracy_of, encode_choice_item, score_naive, score_under
 from sadi_peft.layer import SADILayer, prompt_end_positions
 from sadi_peft.model import _past_length, _tensor_arg as _arg, pinned_prompt_end, resolve_adapter, sadi_layers, transformer_model
@@ -400,12 +403,24 @@ def _record(
 
 
 # ================================================================================================ scoring, selection
-Item = Any  # ChoiceItem | Example | (prompt, choices, label)
+Item = Any  # ChoiceItem | GenerationItem | Example | (prompt, choices, label)
 
 
-def prepare_items(tokenizer: Any, items: Sequence[Item], *, strip_prompt: bool = True) -> list[ChoiceItem]:
+def prepare_items(tokenizer: Any, items: Sequence[Item], *, strip_prompt: bool = True) -> list[Any]:
     """:class:`~sadi_peft.harness.search.ChoiceItem` s from ChoiceItems, task :class:`~sadi_peft.tasks.Example` s or
-    ``(prompt, choices, label)`` triples (prompts stripped when ``strip_prompt``, as calibration reads them)."""
+    ``(prompt, choices, label)`` triples (prompts stripped when ``strip_prompt``, as calibration reads them).
+
+    :class:`~sadi_peft.harness.generation.GenerationItem` s pass through as they are: a selection on them scores
+    greedy-generation exact match instead of choice accuracy. A list mixing the two kinds is refused.
+    """
+    items = list(items)
+    generation = [isinstance(item, GenerationItem) for item in items]
+    if any(generation):
+        if not all(generation):
+            first = generation.index(False)
+            raise TypeError(f"items mix GenerationItems with other items (item {first} is a "
+                            f"{type(items[first]).__name__}); score one protocol at a time.")
+        return items
     out = []
     for item in items:
         if isinstance(item, ChoiceItem):
@@ -513,7 +528,13 @@ def _select(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     per_point = [contexts(point) for point in points]
     flat = [context for group in per_point for context in group]
-    if cached:
+    generation = isinstance(prepared[0], GenerationItem)
+    if generation:  # exact match of greedy answers: "scores" are the per-item 0/1 outcomes
+        answers = generate_under(model, tokenizer, prepared, flat, cached=cached, batch_size=batch_size,
+                                 show_progress=show_progress, desc=f"{method} selection")
+        flat_scores = [torch.tensor([float(exact_match(a, item.answers)) for a, item in zip(group, prepared)])
+                       for group in answers]
+    elif cached:
         flat_scores = score_under(model, prepared, flat, pad_token_id=pad, cached=True, batch_size=batch_size,
                                   show_progress=show_progress, desc=f"{method} selection")
     else:
@@ -525,7 +546,10 @@ def _select(
     for point, group in zip(points, per_point):
         group_scores = flat_scores[offset : offset + len(group)]
         offset += len(group)
-        accuracy = sum(accuracy_of(sc, prepared) for sc in group_scores) / len(group_scores)
+        if generation:
+            accuracy = sum(float(sc.sum()) / sc.numel() for sc in group_scores) / len(group_scores)
+        else:
+            accuracy = sum(accuracy_of(sc, prepared) for sc in group_scores) / len(group_scores)
         scores = torch.stack(group_scores) if stack else group_scores[0]
         results.append({**point, "accuracy": accuracy, "n": len(prepared), "scores": scores})
     best_index = max(range(len(results)), key=lambda i: (results[i]["accuracy"], -i))  # first maximum

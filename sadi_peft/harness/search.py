@@ -188,6 +188,35 @@ def score_under(
     return [concat_scores(p) for p in parts]
 
 
+def sadi_grid_points(
+    model, grid: Sequence[tuple[int, float]], *, cached: bool, adapter_name: Optional[str] = None
+) -> tuple[Any, list[Callable[[], ContextManager[Any]]]]:
+    """``(config, contexts)`` for a K x delta grid of a calibrated SADI adapter: ``contexts[g]()`` sets point ``g``'s
+    mask (each K's top-K mask cut once from the stored scores) and delta. Refuses an empty grid and ``cached=True``
+    without ``positions="last"``."""
+    name, config = sadi_peft.model.resolve_adapter(model, adapter_name)
+    if cached and config.positions != "last":
+        raise ValueError("The prefix-cached search needs positions='last' (with 'all' every token is steered); "
+                         "use cached=False.")
+    if not grid:
+        raise ValueError("The grid is empty: give at least one (top_k, delta) point.")
+    layers = [layer for _, layer in sadi_peft.model.sadi_layers(model, name)]
+    masks = {}
+    for k in sorted({k for k, _ in grid}):  # cut each K's mask once, then copy it in per grid point
+        sadi_peft.apply_top_k(model, k, adapter_name=name)
+        masks[k] = [layer.sadi_mask[name].clone() for layer in layers]
+
+    @contextmanager
+    def point(k: int, delta: float) -> Iterator[None]:
+        for layer, mask in zip(layers, masks[k]):
+            layer.sadi_mask[name].copy_(mask)
+        sadi_peft.set_delta(model, delta, adapter_name=name)
+        config.top_k = k
+        yield
+
+    return config, [partial(point, k, d) for k, d in grid]
+
+
 def grid_search(
     model,
     tokenizer,
@@ -205,29 +234,10 @@ def grid_search(
     ``positions="last"``. Returns one dict per grid point: ``top_k``, ``delta``, ``accuracy``, ``n``, ``scores``; the
     adapter is left at the last grid point.
     """
-    name, config = sadi_peft.model.resolve_adapter(model, adapter_name)
-    if cached and config.positions != "last":
-        raise ValueError("The prefix-cached search needs positions='last' (with 'all' every token is steered); "
-                         "use cached=False.")
-    if not grid:
-        raise ValueError("The grid is empty: give at least one (top_k, delta) point.")
+    _, contexts = sadi_grid_points(model, grid, cached=cached, adapter_name=adapter_name)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    masks = {}
-    for k in sorted({k for k, _ in grid}):  # cut each K's mask once, then copy it in per grid point
-        sadi_peft.apply_top_k(model, k, adapter_name=name)
-        masks[k] = [layer.sadi_mask[name].clone() for _, layer in sadi_peft.model.sadi_layers(model, name)]
-    layers = [layer for _, layer in sadi_peft.model.sadi_layers(model, name)]
-
-    @contextmanager
-    def point(k: int, delta: float) -> Iterator[None]:
-        for layer, mask in zip(layers, masks[k]):
-            layer.sadi_mask[name].copy_(mask)
-        sadi_peft.set_delta(model, delta, adapter_name=name)
-        yield
-
-    scores = score_under(model, items, [partial(point, k, d) for k, d in grid], pad_token_id=pad, cached=cached,
-                         batch_size=batch_size, show_progress=show_progress)
-    config.top_k = grid[-1][0]
+    scores = score_under(model, items, contexts, pad_token_id=pad, cached=cached, batch_size=batch_size,
+                         show_progress=show_progress)
     return [{"top_k": k, "delta": d, "accuracy": accuracy_of(s, items), "n": len(items), "scores": s}
             for (k, d), s in zip(grid, scores)]
 
