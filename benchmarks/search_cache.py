@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""Naive vs prefix-cached K x delta search (positions="last") on SST-2 validation, side by side in one process.
+"""Naive vs prefix-cached K x delta search (positions="last"), side by side in one process: SST-2 validation scored
+by restricted-choice log-likelihood (default), or TriviaQA validation scored by greedy-generation exact match
+(``--task triviaqa``: every point decodes up to ``--max-new-tokens`` tokens per question).
 
-Both searches score the same examples at the same grid points; the script checks that the accuracies are identical,
-then reports the wall times, their ratio, the machine's core count and torch's thread count, as a table and JSON.
+Both searches score the same examples at the same grid points; the script checks that the accuracies (and, for
+TriviaQA, the generated answers) are identical, then reports the wall times, their ratio, the machine's core count
+and torch's thread count, as a table and JSON.
 
     python benchmarks/search_cache.py                       # 30 grid points, 200 SST-2 validation sentences
+    python benchmarks/search_cache.py --task triviaqa --n-eval 64 --k-grid 2,6 --delta-grid 4,14,34
     python benchmarks/search_cache.py --n-eval 8 --tiny     # smoke size (CI)
     python benchmarks/search_cache.py --device cuda --dtype bfloat16   # on a GPU (-> search_cache_cuda_bfloat16.json)
 
@@ -30,15 +34,25 @@ from _common import add_model_arguments, load  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
 import sadi_peft  # noqa: E402
+from sadi_peft.harness.generation import encode_generation_item, generation_grid_search  # noqa: E402
 from sadi_peft.harness.search import encode_choice_item, grid_search  # noqa: E402
-from sadi_peft.tasks import SST2_LABEL_WORDS, load_sst2, select_examples, sst2_pairs, sst2_prompt  # noqa: E402
-
-GRID = [(k, d) for k in (1, 2, 4, 6, 8, 10) for d in (4.0, 9.0, 14.0, 24.0, 34.0)]  # 30 points (paper's HEAD grid)
-
+from sadi_peft.tasks import (  # noqa: E402
+    SST2_LABEL_WORDS,
+    get_task,
+    load_sst2,
+    select_examples,
+    sst2_pairs,
+    sst2_prompt,
+)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser, device_options=True)
+    parser.add_argument("--task", choices=("sst2", "triviaqa"), default="sst2",
+                        help="sst2: choice log-likelihood (default); triviaqa: greedy generation + exact match")
+    parser.add_argument("--k-grid", default="1,2,4,6,8,10", help="comma-separated K values (default: the paper's)")
+    parser.add_argument("--delta-grid", default="4,9,14,24,34", help="comma-separated delta values")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="triviaqa: greedy tokens per answer")
     parser.add_argument("--n-pairs", type=int, default=64)
     parser.add_argument("--n-eval", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -52,13 +66,23 @@ def main() -> None:
 
     model, tokenizer = load(args)
     device = model.device
-    model = get_peft_model(model, sadi_peft.SADIConfig(variant="head", top_k=4, delta=9.0, positions="last"))
-    train = load_sst2("train")
-    sadi_peft.calibrate(model, tokenizer, sst2_pairs(select_examples(train, args.n_pairs, 0)), show_progress=False)
-    examples = select_examples(load_sst2("validation"), args.n_eval, 1)
+    model = get_peft_model(model, sadi_peft.SADIConfig(variant="head", top_k=1, delta=9.0, positions="last"))
+    if args.task == "sst2":
+        pairs = sst2_pairs(select_examples(load_sst2("train"), args.n_pairs, 0))
+        examples = select_examples(load_sst2("validation"), args.n_eval, 1)
+        items = [encode_choice_item(tokenizer, sst2_prompt(e["text"]), SST2_LABEL_WORDS, e["label"]) for e in examples]
+        search = grid_search
+    else:
+        task = get_task("triviaqa")
+        pairs = task.pairs(select_examples(task.load("pairs"), args.n_pairs, 0), seed=0)
+        examples = select_examples(task.load("validation"), args.n_eval, 1, balanced=False)
+        items = [encode_generation_item(tokenizer, e.prompt, e.answers, max_new_tokens=args.max_new_tokens)
+                 for e in examples]
+        search = generation_grid_search
+    sadi_peft.calibrate(model, tokenizer, pairs, show_progress=False)
     units = sum(model.peft_config["default"].unit_counts.values())
-    grid = [(k, d) for k, d in GRID if k <= units]  # the tiny model has fewer heads than the paper's K grid
-    items = [encode_choice_item(tokenizer, sst2_prompt(e["text"]), SST2_LABEL_WORDS, e["label"]) for e in examples]
+    grid = [(int(k), float(d)) for k in args.k_grid.split(",") for d in args.delta_grid.split(",")]
+    grid = [(k, d) for k, d in grid if k <= units]  # the tiny model has fewer heads than the paper's K grid
 
     times = {"naive": [], "cached": []}
     cpu = {"naive": [], "cached": []}
@@ -67,19 +91,26 @@ def main() -> None:
         order = ("naive", "cached") if rep % 2 == 0 else ("cached", "naive")
         for mode in order:
             wall_s, cpu_s, results[mode] = timed(
-                lambda mode=mode: grid_search(model, tokenizer, items, grid, cached=(mode == "cached"),
-                                              batch_size=args.batch_size, show_progress=False),
+                lambda mode=mode: search(model, tokenizer, items, grid, cached=(mode == "cached"),
+                                         batch_size=args.batch_size, show_progress=False),
                 device,
             )
             times[mode].append(wall_s)
             cpu[mode].append(cpu_s)
     same = [a["accuracy"] for a in results["naive"]] == [a["accuracy"] for a in results["cached"]]
-    max_diff = max(float((a["scores"] - b["scores"]).abs().max()) for a, b in zip(results["naive"], results["cached"]))
+    if args.task == "sst2":
+        max_diff = max(float((a["scores"] - b["scores"]).abs().max())
+                       for a, b in zip(results["naive"], results["cached"]))
+    else:  # generated answers: the number of (point, question) cells whose answers differ
+        max_diff = sum(x != y for a, b in zip(results["naive"], results["cached"])
+                       for x, y in zip(a["predictions"], b["predictions"]))
     naive, cached = statistics.median(times["naive"]), statistics.median(times["cached"])
     machine = machine_info(device, args.dtype)
     report = {
         "model": "tiny-random" if args.tiny else args.model, "device": str(device), "dtype": args.dtype,
         "gpu_name": machine.get("gpu_name"), "headline_clock": "wall",
+        "task": args.task, "protocol": "choice" if args.task == "sst2" else "generate",
+        "max_new_tokens": args.max_new_tokens if args.task == "triviaqa" else None,
         "grid_points": len(grid), "examples": len(items),
         "batch_size": args.batch_size, "repeats": args.repeats, "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "naive_s": times["naive"], "cached_s": times["cached"],
@@ -87,7 +118,8 @@ def main() -> None:
         "naive_cpu_s": cpu["naive"], "cached_cpu_s": cpu["cached"],
         "cpu_ratio": statistics.median(cpu["naive"]) / statistics.median(cpu["cached"]),
         "load_average": os.getloadavg(),
-        "identical_accuracies": same, "max_score_diff": max_diff,
+        "identical_accuracies": same,
+        ("max_score_diff" if args.task == "sst2" else "differing_answers"): max_diff,
         "accuracies": [{"top_k": r["top_k"], "delta": r["delta"], "accuracy": r["accuracy"]} for r in results["cached"]],
         "machine": machine,
     }
@@ -95,7 +127,9 @@ def main() -> None:
     where = machine.get("gpu_name") or f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     print("| search | median wall s | grid points x examples |\n|---|---|---|")
     print(f"| naive  | {naive:.2f} | {len(grid)} x {len(items)} |\n| cached | {cached:.2f} | {len(grid)} x {len(items)} |")
-    print(f"ratio naive / cached: {naive / cached:.1f}x wall, {report['cpu_ratio']:.1f}x CPU; identical accuracies: {same}; max |score diff| {max_diff:.2e}; "
+    difference = f"max |score diff| {max_diff:.2e}" if args.task == "sst2" else f"differing answers {max_diff}"
+    print(f"ratio naive / cached: {naive / cached:.1f}x wall, {report['cpu_ratio']:.1f}x CPU; identical accuracies: "
+          f"{same}; {difference}; "
           f"{device}, {args.dtype}, {where} -> {args.out}")
     if not same:
         raise SystemExit(1)
