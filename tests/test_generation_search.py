@@ -10,6 +10,7 @@ from tiny_models import PAIRS, CharTokenizer, tiny_llama
 
 import sadi_peft
 from sadi_peft.harness import baselines
+from sadi_peft.harness.search import encode_choice_item, grid_search
 from sadi_peft.harness.generation import (
     GreedyBatch,
     encode_generation_item,
@@ -151,3 +152,35 @@ def test_exact_match_and_item_errors():
         encode_generation_item(TOK, "Q", ["", "the"])
     with pytest.raises(TypeError, match="GenerationItem"):
         generate_under(_calibrated("last"), TOK, [("p", ["a"], 0)], [baselines.no_intervention], cached=False)
+
+
+def _tiny_gemma3(sliding_window: int):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, query_pre_attn_scalar=16, sliding_window=sliding_window,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = get_peft_model(model, sadi_peft.SADIConfig(top_k=2, positions="last"))
+    sadi_peft.calibrate(model, TOK, PAIRS, show_progress=False)
+    return model
+
+
+def test_sliding_window_models_search_cached_or_say_why_not():
+    """Gemma 3 (sliding-window layers): the cached search equals the naive one while the window holds prompt and
+    answer; once the window fills, the cache cannot be rolled back and the search says so instead of going wrong."""
+    items = [encode_generation_item(TOK, p, ["x"], max_new_tokens=5) for p in PROMPTS]
+    wide = _tiny_gemma3(sliding_window=512)
+    cached = generation_grid_search(wide, TOK, items, GRID, cached=True, batch_size=3, show_progress=False)
+    naive = generation_grid_search(wide, TOK, items, GRID, cached=False, batch_size=3, show_progress=False)
+    assert [r["predictions"] for r in cached] == [r["predictions"] for r in naive]
+    narrow = _tiny_gemma3(sliding_window=8)
+    with pytest.raises(RuntimeError, match="cached=False"):
+        generation_grid_search(narrow, TOK, items, GRID, cached=True, batch_size=3, show_progress=False)
+    with pytest.raises(RuntimeError, match="cached=False"):
+        grid_search(narrow, TOK, [encode_choice_item(TOK, p, ["yes", "no"], 0) for p in PROMPTS], GRID, cached=True,
+                    show_progress=False)
+    generation_grid_search(narrow, TOK, items, GRID, cached=False, batch_size=3, show_progress=False)  # works

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 import sadi_peft
-from sadi_peft.harness.search import sadi_grid_points
+from sadi_peft.harness.search import crop_cache, sadi_grid_points
 from sadi_peft.tasks.protocols import normalize_answer
 
 logger = logging.getLogger(__name__)
@@ -157,11 +157,7 @@ class GreedyBatch:
                                 past_key_values=past, use_cache=True, logits_to_keep=1)
         finally:
             if self.cache is not None:
-                extra = self.cache.get_seq_length() - L
-                if extra > 0:  # back to the prefix for the next intervention (crop(-n) drops the last n tokens)
-                    self.cache.crop(-extra)
-                if self.cache.get_seq_length() != L:
-                    raise RuntimeError("the KV cache could not be cropped back to the prompt prefix")
+                crop_cache(self.cache, L)  # back to the prefix for the next intervention
         generated = torch.stack(tokens, dim=1).cpu() if tokens else torch.empty((rows, 0), dtype=torch.long)
         answers = []
         for r, item in enumerate(self.items):

@@ -82,6 +82,28 @@ def score_naive(model, items: Sequence[ChoiceItem], pad_token_id: int, batch_siz
     return _collect(items, rows, [scores[i][j] for i, j in rows])
 
 
+def crop_cache(cache, length: int) -> None:
+    """Drop the tokens of ``cache`` past ``length`` (the prompt prefix), so the next grid point starts from it.
+
+    Raises:
+        RuntimeError: the cache cannot be rolled back, e.g. a sliding-window layer whose window filled up (its older
+            keys are gone): the cached search cannot be used there; run it with ``cached=False``.
+    """
+    extra = cache.get_seq_length() - length
+    try:
+        if extra > 0:
+            cache.crop(-extra)  # crop(-n) drops the last n tokens (transformers 4.57 and 5)
+    except (RuntimeError, ValueError) as error:
+        raise RuntimeError(
+            f"The KV cache cannot be cropped back to the {length}-token prompt prefix ({error}). This happens when a "
+            "sliding-window attention layer's window fills up during a grid point, which discards the keys a rollback "
+            "needs. Run the search with cached=False (same results, slower), or use shorter prompts/answers."
+        ) from error
+    if cache.get_seq_length() != length:
+        raise RuntimeError(f"The KV cache could not be cropped back to the {length}-token prompt prefix "
+                           f"(it holds {cache.get_seq_length()}); run the search with cached=False.")
+
+
 class CachedBatch:
     """A batch of examples with the KV cache of their prompts minus the last token, ready for many grid points."""
 
@@ -132,9 +154,7 @@ class CachedBatch:
             out = model(input_ids=self.suffix_ids, attention_mask=self.attention, position_ids=self.suffix_positions,
                         past_key_values=self.cache, use_cache=self.cache is not None)
         if self.cache is not None:
-            self.cache.crop(-self.suffix_ids.shape[1])  # back to the prefix (transformers 5: crop(-n) drops n)
-            if self.cache.get_seq_length() != self.prefix_len:
-                raise RuntimeError("the KV cache could not be cropped back to the prompt prefix")
+            crop_cache(self.cache, self.prefix_len)
         logprobs = torch.log_softmax(out.logits.float(), -1)
         cells, scores = [], []
         for r, (i, j) in enumerate(self.rows):
