@@ -83,10 +83,14 @@ def test_report_flags_partial_averages_and_lists_the_chosen_hyperparameters(tmp_
     (tmp_path / "copa" / "grid.json").write_text("[]")  # not a result: ignored
     table = report.collect([tmp_path], "test")
     text = report.markdown(table)
-    assert "| none | 50.00 (n=4) | 75.00 (n=4) | 62.50 |" in text
-    assert "| sadi-head-last | 100.00 (n=4) | – | 100.00 (1 of 2 tasks) |" in text
+    assert "| method | copa | sst2 | average | average of copa (every row) |" in text
+    assert "| none | 50.00 (n=4) | 75.00 (n=4) | 62.50 | 50.00 |" in text
+    assert "| sadi-head-last | 100.00 (n=4) | – | 100.00 (1 of 2 tasks) | 100.00 |" in text
     assert text.index("| none |") < text.index("| sadi-head-last |")
     assert "| copa | sadi-head-last | top_k=2, delta=9 | 50.00 |" in report.details(table)
+    result("sst2", "sadi-head-last", 0.25)  # complete: no extra column
+    text = report.markdown(report.collect([tmp_path], "test"))
+    assert "every row" not in text and "| sadi-head-last | 100.00 (n=4) | 25.00 (n=4) | 62.50 |" in text
 
 
 @pytest.mark.slow

@@ -47,9 +47,18 @@ def _method_key(method: str) -> tuple:
 
 
 def markdown(table: dict[str, dict[str, dict]]) -> str:
-    """Accuracy (%) per method x task; the average is over the tasks the row has, flagged when that is not all."""
+    """Accuracy (%) per method x task; the average is over the tasks the row has, flagged when that is not all.
+
+    When some row lacks a task, a last column averages only the tasks every row has (named in its header), so that
+    rows can be compared on the same tasks.
+    """
     tasks = sorted({task for row in table.values() for task in row})
-    lines = ["| method | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
+    common = [t for t in tasks if all(t in row for row in table.values())]
+    partial = len(common) < len(tasks)
+    header = ["method", *tasks, "average"]
+    if partial and common:
+        header.append(f"average of {', '.join(common)} (every row)")
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for method in sorted(table, key=_method_key):
         row = table[method]
         cells = [f"{100 * row[t]['accuracy']:.2f} (n={row[t]['n']})" if t in row else "–" for t in tasks]
@@ -57,7 +66,10 @@ def markdown(table: dict[str, dict[str, dict]]) -> str:
         average = f"{100 * sum(values) / len(values):.2f}" if values else "–"
         if values and len(values) < len(tasks):
             average += f" ({len(values)} of {len(tasks)} tasks)"
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {average} |")
+        cells.append(average)
+        if partial and common:
+            cells.append(f"{100 * sum(row[t]['accuracy'] for t in common) / len(common):.2f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
