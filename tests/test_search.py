@@ -114,3 +114,68 @@ def test_cached_search_with_single_token_options_matches_naive():
     for a, b in zip(cached, naive):
         torch.testing.assert_close(a["scores"], b["scores"], atol=1e-5, rtol=0)
     assert not torch.allclose(cached[0]["scores"], cached[3]["scores"])
+
+
+@pytest.mark.parametrize("variant", ["head", "neuron", "hidden"])
+def test_all_positions_search_skipping_unsteered_layers_equals_full_passes(variant):
+    """positions='all': each point runs only the layers from its lowest steered one up, on states one full pass
+    recorded; the scores equal full passes at every point, and layers really are skipped."""
+    from sadi_peft.harness import layer_replay
+
+    model = get_peft_model(tiny_llama(num_hidden_layers=4),
+                           sadi_peft.SADIConfig(variant=variant, top_k=1, positions="all"))
+    sadi_peft.calibrate(model, TOK, PAIRS, show_progress=False)
+    for name, layer in sadi_peft.model.sadi_layers(model, "default"):  # best units in layers 2 and 3 (random model)
+        if ".layers.2." in name or ".layers.3." in name:
+            layer.sadi_scores["default"].add_(1.0)
+    scores = torch.cat([layer.sadi_scores["default"] for _, layer in sadi_peft.model.sadi_layers(model, "default")])
+    # K values whose masks start in different layers (K = 1: the best unit's layer; K = all units: layer 0)
+    grid = [(k, d) for k in (1, 2, 5, int(scores.numel())) for d in (0.5, 9.0)]
+    items = [encode_choice_item(TOK, p, c, y) for p, c, y in EXAMPLES]
+    depths = []
+    for k in (1, 2, 5):
+        sadi_peft.apply_top_k(model, k)
+        depths.append(layer_replay.first_steered_layer(model, "default"))
+    assert max(depths) > 0  # something to skip in this test
+
+    skipped = []
+    original = layer_replay.LayerReplay.replay
+
+    def counting(self, depth):
+        skipped.append(depth)
+        return original(self, depth)
+
+    layer_replay.LayerReplay.replay = counting
+    try:
+        fast = grid_search(model, TOK, items, grid, cached=False, batch_size=3, show_progress=False)
+    finally:
+        layer_replay.LayerReplay.replay = original
+    full = grid_search(model, TOK, items, grid, cached=False, batch_size=3, show_progress=False, skip_layers=False)
+    for a, b in zip(fast, full):
+        assert (a["top_k"], a["delta"]) == (b["top_k"], b["delta"])
+        torch.testing.assert_close(a["scores"], b["scores"], atol=1e-6, rtol=0)
+        assert a["accuracy"] == b["accuracy"]
+    assert skipped and max(skipped) == max(depths)
+    assert not torch.allclose(fast[0]["scores"], fast[-1]["scores"])  # the points differ
+    # the adapter is left at the last grid point, and no layer keeps a patched forward
+    assert model.peft_config["default"].top_k == grid[-1][0]
+    assert all("forward" not in vars(layer) for layer in layer_replay.decoder_layers(model))
+
+
+def test_layer_replay_refuses_mismatched_passes():
+    from sadi_peft.harness.layer_replay import LayerReplay, decoder_layers
+
+    model = tiny_llama(num_hidden_layers=3)
+    replay = LayerReplay(decoder_layers(model))
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad(), replay.record([2]):
+        model(input_ids=ids)
+    with torch.no_grad(), replay.replay(2):
+        out = model(input_ids=ids).logits
+    torch.testing.assert_close(out, model(input_ids=ids).logits.detach(), atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="shape"), torch.no_grad(), replay.replay(2):
+        model(input_ids=torch.tensor([[1, 5, 6]]))
+    with pytest.raises(RuntimeError, match="nothing recorded at decoder layer 1"):
+        with replay.replay(1):
+            pass
+    assert all("forward" not in vars(layer) for layer in decoder_layers(model))

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 import sadi_peft
+from sadi_peft.harness.layer_replay import LayerReplay, decoder_layers, first_steered_layer
 from sadi_peft.tasks.protocols import score_option_ids
 
 logger = logging.getLogger(__name__)
@@ -189,6 +190,7 @@ def score_under(
     batch_size: int = 16,
     show_progress: bool = False,
     desc: str = "grid search",
+    depths: Optional[Sequence[int]] = None,
 ) -> list[torch.Tensor]:
     """Scores of ``items`` under each intervention: ``contexts[g]()`` opens grid point ``g`` (sets a mask and delta,
     registers a baseline's hooks ...) for the forwards run inside it. Returns one ``[n_items, options]`` tensor per
@@ -197,14 +199,38 @@ def score_under(
     ``cached=True`` runs each batch's prompt prefix once, with no intervention, and every point only on the last
     prompt token + options: valid only when no point changes the tokens before the last prompt token (a SADI
     adapter with ``positions="last"``, an additive baseline with ``"last"`` or ``"from_last"``). The caller checks.
+
+    ``depths`` (``cached=False`` only): ``depths[g]`` is the lowest decoder layer point ``g`` steers. Per batch the
+    deepest point runs in full and records the inputs of the other points' first steered layers; the others start
+    there (:class:`~sadi_peft.harness.layer_replay.LayerReplay`: same scores, fewer layers run). The caller vouches
+    that point ``g`` changes nothing below layer ``depths[g]``.
     """
+    replay = None
+    if depths is not None and not cached:
+        if len(depths) != len(contexts):
+            raise ValueError(f"{len(depths)} depths for {len(contexts)} grid points")
+        layers = decoder_layers(model)
+        replay = LayerReplay(layers) if layers is not None and max(depths) > 0 else None
+    # the deepest point first: its full pass can record the inputs of every shallower point's first layer
+    order = sorted(range(len(contexts)), key=lambda g: -depths[g]) if replay is not None else range(len(contexts))
     parts: list[list[torch.Tensor]] = [[] for _ in contexts]
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     for batch in tqdm(batches, desc=desc, disable=not show_progress):
         prepared = CachedBatch(model, batch, pad_token_id) if cached else None
-        for g, context in enumerate(contexts):
-            with context():
-                parts[g].append(prepared.score() if cached else score_naive(model, batch, pad_token_id))
+        for rank, g in enumerate(order):
+            with contexts[g]():
+                if cached:
+                    parts[g].append(prepared.score())
+                elif replay is None:
+                    parts[g].append(score_naive(model, batch, pad_token_id))
+                elif rank == 0:
+                    with replay.record(depths):
+                        parts[g].append(score_naive(model, batch, pad_token_id))
+                elif replay.can_replay(depths[g]):
+                    with replay.replay(depths[g]):
+                        parts[g].append(score_naive(model, batch, pad_token_id))
+                else:  # depth 0, or a layer that returns more than its hidden states: run in full
+                    parts[g].append(score_naive(model, batch, pad_token_id))
     return [concat_scores(p) for p in parts]
 
 
@@ -247,17 +273,29 @@ def grid_search(
     batch_size: int = 16,
     adapter_name: Optional[str] = None,
     show_progress: bool = True,
+    skip_layers: bool = True,
 ) -> list[dict[str, Any]]:
     """Accuracy of every (K, delta) grid point on ``items`` (a validation split: choose on it, never on test).
 
     ``model`` carries a calibrated SADI adapter (its stored scores are re-cut for each K); ``cached=True`` needs
-    ``positions="last"``. Returns one dict per grid point: ``top_k``, ``delta``, ``accuracy``, ``n``, ``scores``; the
-    adapter is left at the last grid point.
+    ``positions="last"``. With ``cached=False`` and ``skip_layers=True`` each point runs only the decoder layers from
+    its lowest steered one up, fed the states that one full pass per batch recorded there (exact; see
+    :mod:`sadi_peft.harness.layer_replay`). Returns one dict per grid point: ``top_k``, ``delta``, ``accuracy``,
+    ``n``, ``scores``; the adapter is left at the last grid point.
     """
-    _, contexts = sadi_grid_points(model, grid, cached=cached, adapter_name=adapter_name)
+    config, contexts = sadi_grid_points(model, grid, cached=cached, adapter_name=adapter_name)
+    depths = None
+    if skip_layers and not cached:
+        name, _ = sadi_peft.model.resolve_adapter(model, adapter_name)
+        depths = []
+        for context in contexts:
+            with context():
+                depths.append(first_steered_layer(model, name))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = score_under(model, items, contexts, pad_token_id=pad, cached=cached, batch_size=batch_size,
-                         show_progress=show_progress)
+                         show_progress=show_progress, depths=depths)
+    with contexts[-1]():  # leave the adapter at the last grid point (the points may have run in another order)
+        pass
     return [{"top_k": k, "delta": d, "accuracy": accuracy_of(s, items), "n": len(items), "scores": s}
             for (k, d), s in zip(grid, scores)]
 
