@@ -9,7 +9,12 @@ and torch's thread count, as a table and JSON.
 
     python benchmarks/search_cache.py                       # 30 grid points, 200 SST-2 validation sentences
     python benchmarks/search_cache.py --task triviaqa --n-eval 64 --k-grid 2,6 --delta-grid 4,14,34
+    python benchmarks/search_cache.py --positions all --variant hidden --k-grid 1,4,16 --delta-grid 0.5,2,4,9
     python benchmarks/search_cache.py --n-eval 8 --tiny     # smoke size (CI)
+
+With ``--positions all`` there is no prompt cache to share (every token is steered): "naive" then runs every point
+through all decoder layers, "cached" runs each point only from its lowest steered layer up, on the states one full
+pass per batch recorded there (``grid_search(skip_layers=True)``, :mod:`sadi_peft.harness.layer_replay`).
     python benchmarks/search_cache.py --device cuda --dtype bfloat16   # on a GPU (-> search_cache_cuda_bfloat16.json)
 
 On a GPU the clocks are read after ``torch.cuda.synchronize()``; the ratio is then one of wall times (the CPU time
@@ -53,6 +58,10 @@ def main() -> None:
     parser.add_argument("--k-grid", default="1,2,4,6,8,10", help="comma-separated K values (default: the paper's)")
     parser.add_argument("--delta-grid", default="4,9,14,24,34", help="comma-separated delta values")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="triviaqa: greedy tokens per answer")
+    parser.add_argument("--variant", choices=("head", "neuron", "hidden"), default="head", help="SADI variant")
+    parser.add_argument("--positions", choices=("last", "all"), default="last",
+                        help="last: naive vs prefix-cached search; all: full passes vs skipped unsteered layers "
+                        "(sst2 only)")
     parser.add_argument("--n-pairs", type=int, default=64)
     parser.add_argument("--n-eval", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -66,7 +75,10 @@ def main() -> None:
 
     model, tokenizer = load(args)
     device = model.device
-    model = get_peft_model(model, sadi_peft.SADIConfig(variant="head", top_k=1, delta=9.0, positions="last"))
+    if args.positions == "all" and args.task != "sst2":
+        parser.error("--positions all: only with --task sst2 (generation cannot replay recorded layer states)")
+    model = get_peft_model(model, sadi_peft.SADIConfig(variant=args.variant, top_k=1, delta=9.0,
+                                                       positions=args.positions))
     if args.task == "sst2":
         pairs = sst2_pairs(select_examples(load_sst2("train"), args.n_pairs, 0))
         examples = select_examples(load_sst2("validation"), args.n_eval, 1)
@@ -84,6 +96,10 @@ def main() -> None:
     grid = [(int(k), float(d)) for k in args.k_grid.split(",") for d in args.delta_grid.split(",")]
     grid = [(k, d) for k, d in grid if k <= units]  # the tiny model has fewer heads than the paper's K grid
 
+    if args.positions == "last":
+        options = {"naive": {"cached": False}, "cached": {"cached": True}}
+    else:  # the same full-pass search, without and with skipping each point's unsteered layers
+        options = {"naive": {"cached": False, "skip_layers": False}, "cached": {"cached": False, "skip_layers": True}}
     times = {"naive": [], "cached": []}
     cpu = {"naive": [], "cached": []}
     results = {}
@@ -91,8 +107,8 @@ def main() -> None:
         order = ("naive", "cached") if rep % 2 == 0 else ("cached", "naive")
         for mode in order:
             wall_s, cpu_s, results[mode] = timed(
-                lambda mode=mode: search(model, tokenizer, items, grid, cached=(mode == "cached"),
-                                         batch_size=args.batch_size, show_progress=False),
+                lambda mode=mode: search(model, tokenizer, items, grid, batch_size=args.batch_size,
+                                         show_progress=False, **options[mode]),
                 device,
             )
             times[mode].append(wall_s)
@@ -109,7 +125,9 @@ def main() -> None:
     report = {
         "model": "tiny-random" if args.tiny else args.model, "device": str(device), "dtype": args.dtype,
         "gpu_name": machine.get("gpu_name"), "headline_clock": "wall",
-        "task": args.task, "protocol": "choice" if args.task == "sst2" else "generate",
+        "task": args.task, "protocol": "choice" if args.task == "sst2" else "generate", "variant": args.variant,
+        "positions": args.positions,
+        "cached_means": "prefix KV cache" if args.positions == "last" else "unsteered layers skipped",
         "max_new_tokens": args.max_new_tokens if args.task == "triviaqa" else None,
         "grid_points": len(grid), "examples": len(items),
         "batch_size": args.batch_size, "repeats": args.repeats, "cpu_count": os.cpu_count(),

@@ -65,8 +65,8 @@ def test_cached_search_refuses_all_positions():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["sst2", "triviaqa"])
-def test_search_cache_benchmark_smoke(tmp_path, smollm2_path, data_dir, task):
+@pytest.mark.parametrize("task, positions", [("sst2", "last"), ("triviaqa", "last"), ("sst2", "all")])
+def test_search_cache_benchmark_smoke(tmp_path, smollm2_path, data_dir, task, positions):
     import json
     import os
     import subprocess
@@ -76,12 +76,14 @@ def test_search_cache_benchmark_smoke(tmp_path, smollm2_path, data_dir, task):
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
     result = subprocess.run([sys.executable, str(repo / "benchmarks" / "search_cache.py"), "--tiny", "--n-eval", "4",
-                             "--n-pairs", "4", "--task", task, "--max-new-tokens", "3", "--out", str(tmp_path / "sc.json")], capture_output=True, text=True,
+                             "--n-pairs", "4", "--task", task, "--max-new-tokens", "3", "--positions", positions, "--variant",
+                             "hidden", "--k-grid", "1,4", "--delta-grid", "0.5,9", "--out", str(tmp_path / "sc.json")], capture_output=True, text=True,
                             env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "sc.json").read_text())
     assert report["identical_accuracies"] and {"naive_median_s", "cached_median_s", "ratio"} <= set(report)
     assert report["task"] == task and report["protocol"] == ("choice" if task == "sst2" else "generate")
+    assert report["positions"] == positions
 
 
 @pytest.mark.parametrize("positions", ["last", "all"])
