@@ -85,14 +85,21 @@ def items_of(tokenizer, task, examples, max_new_tokens: int):
     return [encode_choice_item(tokenizer, e.prompt, e.choices, e.label) for e in examples]
 
 
-def evaluate_test(args, task, model, tokenizer, test) -> tuple[float, int]:
-    """The task's metric on the test examples, the model as it runs now (the one scoring of the test split)."""
+def evaluate_test(args, task, model, tokenizer, test) -> dict:
+    """The task's metric on the test examples, the model as it runs now (the one scoring of the test split):
+    ``accuracy``, ``n`` and, for choice tasks, how often each option index was predicted and was gold (so that a
+    method that only moves the model to always giving one answer shows as such)."""
     if generative(task):
         items = items_of(tokenizer, task, test, args.max_new_tokens)
         result = evaluate_generation(model, tokenizer, items, batch_size=args.batch_size)
-        return result["accuracy"], result["n"]
+        return {"accuracy": result["accuracy"], "n": result["n"],
+                "empty_answers": sum(1 for p in result["predictions"] if not p)}
     result = baselines.evaluate_items(model, tokenizer, test, batch_size=args.batch_size)
-    return task_metric(task, test, result["scores"]), result["n"]
+    width = result["scores"].shape[1]
+    predicted = torch.bincount(result["scores"].argmax(-1), minlength=width).tolist()
+    gold = torch.bincount(torch.tensor([e.label for e in test]), minlength=width).tolist()
+    return {"accuracy": task_metric(task, test, result["scores"]), "n": result["n"],
+            "predicted_counts": predicted, "label_counts": gold}
 
 
 def task_metric(task, examples, scores: torch.Tensor) -> float:
@@ -156,8 +163,7 @@ def run_one(args, task, method: str) -> dict:
     validation_items = items_of(tokenizer, task, validation, args.max_new_tokens)
 
     if method == "none":
-        accuracy, n = evaluate_test(args, task, model, tokenizer, test)
-        record.update(accuracy=accuracy, n=n, chosen={})
+        record.update(evaluate_test(args, task, model, tokenizer, test), chosen={})
     elif method.startswith("sadi-"):
         _, variant, positions = method.split("-")
         model = calibrated(args, task, model, tokenizer, pairs, variant, positions)
@@ -172,10 +178,10 @@ def run_one(args, task, method: str) -> dict:
         best = max(results, key=lambda r: (r["metric"], -r["top_k"], -r["delta"]))
         sadi_peft.apply_top_k(model, best["top_k"])
         sadi_peft.set_delta(model, best["delta"])
-        accuracy, n = evaluate_test(args, task, model, tokenizer, test)
+        scored = evaluate_test(args, task, model, tokenizer, test)
         if args.save_adapters:  # the chosen adapter, before the result file that vouches for it
             model.save_pretrained(args.out / task.name / f"{method}.adapter")
-        record.update(accuracy=accuracy, n=n,
+        record.update(scored,
                       chosen={"top_k": best["top_k"], "delta": best["delta"]}, validation_accuracy=best["metric"],
                       grid=[{"top_k": r["top_k"], "delta": r["delta"], "accuracy": r["metric"]} for r in results])
     else:
@@ -211,10 +217,10 @@ def run_one(args, task, method: str) -> dict:
             selection = base.select_on_validation(model, tokenizer, validation_items[:1], [point], "validation",
                                                   batch_size=args.batch_size)
         with selection.baseline.apply(model):
-            accuracy, n = evaluate_test(args, task, model, tokenizer, test)
+            scored = evaluate_test(args, task, model, tokenizer, test)
         grid_rows = [{k: v for k, v in r.items() if k not in ("scores", "accuracy")} | {"accuracy": value}
                      for r, value in zip(points, values)]
-        record.update(accuracy=accuracy, n=n, chosen=selection.best,
+        record.update(scored, chosen=selection.best,
                       validation_accuracy=values[best_index], grid=grid_rows)
     record["wall_seconds"] = time.perf_counter() - started
     record["cpu_seconds"] = time.process_time() - cpu_started  # the steadier clock on a shared machine

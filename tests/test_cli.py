@@ -79,7 +79,8 @@ def test_report_flags_partial_averages_and_lists_the_chosen_hyperparameters(tmp_
 
     result("copa", "none", 0.5)
     result("sst2", "none", 0.75)
-    result("copa", "sadi-head-last", 1.0, chosen={"top_k": 2, "delta": 9.0}, validation_accuracy=0.5, cpu_seconds=3.2)
+    result("copa", "sadi-head-last", 1.0, chosen={"top_k": 2, "delta": 9.0}, validation_accuracy=0.5, cpu_seconds=3.2,
+           predicted_counts=[1, 3], label_counts=[1, 3])
     (tmp_path / "copa" / "grid.json").write_text("[]")  # not a result: ignored
     table = report.collect([tmp_path], "test")
     text = report.markdown(table)
@@ -88,6 +89,7 @@ def test_report_flags_partial_averages_and_lists_the_chosen_hyperparameters(tmp_
     assert "| sadi-head-last | 100.00 (n=4) | – | 100.00 (1 of 2 tasks) | 100.00 |" in text
     assert text.index("| none |") < text.index("| sadi-head-last |")
     assert "| copa | sadi-head-last | top_k=2, delta=9 | 50.00 |" in report.details(table)
+    assert "| 4 | 1 (1) / 3 (3) | 3 |" in report.details(table)
     result("sst2", "sadi-head-last", 0.25)  # complete: no extra column
     text = report.markdown(report.collect([tmp_path], "test"))
     assert "every row" not in text and "| sadi-head-last | 100.00 (n=4) | 25.00 (n=4) | 62.50 |" in text

@@ -29,6 +29,7 @@ def test_reproduce_smoke_and_resume(tmp_path, smollm2_path, data_dir):
     assert files == ["caa.json", "none.json", "random-head.json", "sadi-head-last.json"]
     record = json.loads((tmp_path / "results" / "copa" / "sadi-head-last.json").read_text())
     assert record["split"] == "test" and record["n"] == 6 and "top_k" in record["chosen"]
+    assert sum(record["predicted_counts"]) == 6 and sum(record["label_counts"]) == 6
     second = run(*args, cwd=tmp_path)
     assert second.returncode == 0 and second.stderr.count("skip ") == 4
     report = run("-m", "sadi_peft.cli", "report", "results", cwd=tmp_path)
@@ -54,5 +55,6 @@ def test_reproduce_triviaqa_selects_and_scores_by_generation(tmp_path, smollm2_p
         record = json.loads((tmp_path / "results" / "triviaqa" / f"{method}.json").read_text())
         assert record["protocol"] == "generate" and record["metric"] == "exact_match"
         assert record["max_new_tokens"] == 3 and record["n"] == 4 and 0 <= record["accuracy"] <= 1
+        assert 0 <= record["empty_answers"] <= 4
     sadi = json.loads((tmp_path / "results" / "triviaqa" / "sadi-head-last.json").read_text())
     assert len(sadi["grid"]) > 1 and sadi["validation_accuracy"] == max(g["accuracy"] for g in sadi["grid"])

@@ -78,15 +78,24 @@ def _chosen(result: dict) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in chosen.items()) or "–"
 
 
+def _answer_counts(result: dict) -> str:
+    """``predicted (gold)`` per option index, e.g. ``0 (192) / 500 (308)``: shows a row that answers one way."""
+    predicted, gold = result.get("predicted_counts"), result.get("label_counts")
+    if not predicted or not gold or len(predicted) > 5:
+        return "–"
+    return " / ".join(f"{p} ({g})" for p, g in zip(predicted, gold))
+
+
 def details(table: dict[str, dict[str, dict]]) -> str:
     """One line per (task, method): chosen hyperparameters, validation accuracy and size, pairs, seed, times."""
     lines = ["| task | method | chosen on validation | validation acc. | n validation | pairs | seed | test n | "
-             "CPU s | wall s |", "|---" * 10 + "|"]
+             "test answers per option (gold) | CPU s | wall s |", "|---" * 11 + "|"]
     rows = [(task, method, result) for method, row in table.items() for task, result in row.items()]
     for task, method, r in sorted(rows, key=lambda x: (x[0], _method_key(x[1]))):
         val = r.get("validation_accuracy")
         cells = [task, method, _chosen(r), f"{100 * val:.2f}" if val is not None else "–",
                  str(r.get("n_validation", "–")), str(r.get("num_pairs", "–")), str(r.get("seed", "–")), str(r["n"]),
+                 _answer_counts(r),
                  f"{r['cpu_seconds']:.0f}" if "cpu_seconds" in r else "–",
                  f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else "–"]
         lines.append("| " + " | ".join(cells) + " |")
