@@ -20,7 +20,12 @@ from pathlib import Path
 
 from sadi_peft.hub import build_model_card
 
-METRIC = "accuracy (restricted choice, length-normalised log-likelihood)"
+# the metric a result file names (``result["metric"]``, written by scripts/reproduce.py) -> how the card states it
+METRICS = {
+    "accuracy": "accuracy (restricted choice, length-normalised log-likelihood)",
+    "mc2": "MC2 (normalised probability mass on the true answers, length-normalised log-likelihood)",
+    "exact_match": "exact match (greedy answer, SQuAD-normalised, against any alias)",
+}
 
 
 def main() -> int:
@@ -44,7 +49,8 @@ def main() -> int:
         if baseline_file.is_file():
             baseline = json.loads(baseline_file.read_text())
             if baseline.get("n") == result.get("n"):
-                results = {task: {"baseline": baseline["accuracy"], "steered": result["accuracy"], "metric": METRIC,
+                results = {task: {"baseline": baseline["accuracy"], "steered": result["accuracy"],
+                                  "metric": METRICS[result.get("metric", "accuracy")],
                                   "split": "test", "n": result["n"]}}
         chosen = result.get("chosen", {})
         description = (

@@ -43,6 +43,7 @@ def test_reproduce_smoke_and_resume(tmp_path, smollm2_path, data_dir):
     baseline = json.loads((tmp_path / "results" / "copa" / "none.json").read_text())["accuracy"]
     assert "base_model: org/base" in card and "| copa |" in card and f"{baseline:.4g}" in card
     assert f"top_k={record['chosen']['top_k']}" in card
+    assert "accuracy (restricted choice" in card
 
 
 def test_reproduce_triviaqa_selects_and_scores_by_generation(tmp_path, smollm2_path, data_dir):
@@ -58,3 +59,8 @@ def test_reproduce_triviaqa_selects_and_scores_by_generation(tmp_path, smollm2_p
         assert 0 <= record["empty_answers"] <= 4
     sadi = json.loads((tmp_path / "results" / "triviaqa" / "sadi-head-last.json").read_text())
     assert len(sadi["grid"]) > 1 and sadi["validation_accuracy"] == max(g["accuracy"] for g in sadi["grid"])
+    cards = run(str(REPO / "scripts" / "publish_cards.py"), "results", "--base-model", "org/base", "--repo-prefix",
+                "org/tiny", "--out", "cards", cwd=tmp_path)
+    assert cards.returncode == 0, cards.stderr[-3000:]
+    card = (tmp_path / "cards" / "triviaqa-sadi-head-last.md").read_text()
+    assert "exact match (greedy answer" in card and "restricted choice" not in card

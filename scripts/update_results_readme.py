@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Regenerate the tables of ``results/README.md`` from the result files, so no number in it is typed by hand.
+
+Each table sits between a marker that names the command producing it and an end marker::
+
+    <!-- generated: sadi-peft report results/smollm2 --details -->
+    | method | copa | ... |
+    <!-- end generated -->
+
+This script reruns every named ``sadi-peft report`` (paths relative to the repository root) and replaces the text
+between the markers. ``--check`` changes nothing and exits 1 when a table is out of date (the test suite runs it).
+
+    python scripts/update_results_readme.py            # rewrite results/README.md
+    python scripts/update_results_readme.py --check    # exit 1 if a table differs from the result files
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+from pathlib import Path
+
+from sadi_peft.cli.report import collect, details, markdown
+
+REPO = Path(__file__).resolve().parents[1]
+BLOCK = re.compile(r"(<!-- generated: (?P<command>[^\n]*?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
+
+
+def render(command: str, root: Path) -> str:
+    """The output of one ``sadi-peft report <paths> [--details] [--split S]`` command, run in-process."""
+    words = shlex.split(command)
+    if words[:2] != ["sadi-peft", "report"]:
+        raise ValueError(f"generated block names {command!r}; expected a `sadi-peft report ...` command")
+    parser = argparse.ArgumentParser(prog="sadi-peft report", add_help=False)
+    parser.add_argument("paths", nargs="+")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--details", action="store_true")
+    args = parser.parse_args(words[2:])
+    table = collect([root / p for p in args.paths], args.split)
+    if not table:
+        raise ValueError(f"`{command}`: no results for split {args.split!r} under {args.paths}")
+    return markdown(table) + ("\n" + details(table) if args.details else "")
+
+
+def update(text: str, root: Path) -> str:
+    """``text`` with every generated block replaced by its command's current output."""
+    if not BLOCK.search(text):
+        raise ValueError("no `<!-- generated: ... -->` ... `<!-- end generated -->` block found")
+    return BLOCK.sub(lambda m: m.group(1) + render(m.group("command"), root) + m.group(4), text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("readme", nargs="?", type=Path, default=REPO / "results" / "README.md")
+    parser.add_argument("--root", type=Path, default=REPO, help="folder the report paths are relative to")
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table is out of date")
+    args = parser.parse_args()
+    text = args.readme.read_text(encoding="utf-8")
+    new = update(text, args.root)
+    if args.check:
+        if new != text:
+            print(f"{args.readme}: tables differ from the result files; run scripts/update_results_readme.py",
+                  file=sys.stderr)
+            return 1
+        print(f"{args.readme}: tables match the result files")
+        return 0
+    if new != text:
+        args.readme.write_text(new, encoding="utf-8")
+    print(f"{'updated' if new != text else 'unchanged'}: {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
