@@ -273,6 +273,7 @@ def main() -> int:
                                                                           "error": repr(error)})
                 continue
             write_json(path, record)
+            (args.out / task.name / f"{method}.error.json").unlink(missing_ok=True)  # an earlier failure, now fixed
             logger.info("%s / %s: test accuracy %.4f (n=%d) in %.0f s", task.name, method, record["accuracy"],
                         record["n"], record["wall_seconds"])
     return 1 if failures else 0

@@ -8,7 +8,7 @@ from peft import get_peft_model
 from tiny_models import PAIRS, CharTokenizer, tiny_llama
 
 import sadi_peft
-from sadi_peft.harness.search import encode_choice_item, grid_search
+from sadi_peft.harness.search import ChoiceItem, encode_choice_item, grid_search, item_batches
 
 TOK = CharTokenizer()
 EXAMPLES = [
@@ -181,3 +181,42 @@ def test_layer_replay_refuses_mismatched_passes():
         with replay.replay(1):
             pass
     assert all("forward" not in vars(layer) for layer in decoder_layers(model))
+
+
+def test_item_batches_respect_batch_size_and_logits_budget():
+    single = ChoiceItem([1, 2, 3], [[4], [5]], 0)  # one row, 2 positions
+    multi = ChoiceItem([1, 2], [[4, 5, 6], [7], [8, 9]], 1)  # 3 rows, 4 positions
+    items = [single, multi, single, single, multi]
+    assert [len(b) for b in item_batches(items, 2, None)] == [2, 2, 1]
+    assert [len(b) for b in item_batches(items, 16, None)] == [5]
+    # vocabulary 10, 8 bytes per logit: single = 160 bytes, single + multi = 4 rows x 4 positions = 1 280 bytes
+    assert [len(b) for b in item_batches(items, 16, 10, max_logits_bytes=1280)] == [2, 2, 1]
+    assert [len(b) for b in item_batches(items, 16, 10, max_logits_bytes=1279)] == [1, 1, 2, 1]
+    # an item over the budget on its own still gets scored, alone
+    assert [len(b) for b in item_batches(items, 16, 10, max_logits_bytes=1)] == [1, 1, 1, 1, 1]
+    assert [x for b in item_batches(items, 3, 10, max_logits_bytes=500) for x in b] == items
+    with pytest.raises(ValueError, match="batch_size=0"):
+        item_batches(items, 0, 10)
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_search_split_by_logits_budget_scores_the_same_and_prefix_projects_one_position(cached):
+    model = get_peft_model(tiny_llama(), sadi_peft.SADIConfig(top_k=2, positions="last"))
+    sadi_peft.calibrate(model, TOK, PAIRS, show_progress=False)
+    items = [encode_choice_item(TOK, p, c, y) for p, c, y in EXAMPLES]
+    projected = []
+    head = model.get_base_model().get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda m, args: projected.append(args[0].shape[:2]))
+    try:
+        whole = grid_search(model, TOK, items, GRID, cached=cached, batch_size=16, show_progress=False)
+        n_whole = len(projected)
+        split = grid_search(model, TOK, items, GRID, cached=cached, batch_size=16, show_progress=False,
+                            max_logits_bytes=1)
+    finally:
+        handle.remove()
+    assert len(projected) - n_whole > n_whole  # the 1-byte budget really split the batch
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a["scores"], b["scores"], atol=1e-5, rtol=0)
+    if cached:  # prefix forwards (no grid point yet) project the last position only, never every prefix token
+        longest_option = max(len(o) for item in items for o in item.option_ids)
+        assert max(positions for _, positions in projected) <= 1 + longest_option

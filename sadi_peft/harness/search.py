@@ -12,6 +12,7 @@ Uses only sadi_peft's public API.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 import sadi_peft
 from sadi_peft.harness.layer_replay import LayerReplay, decoder_layers, first_steered_layer
-from sadi_peft.tasks.protocols import score_option_ids
+from sadi_peft.tasks.protocols import _runner, score_option_ids
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,48 @@ def encode_choice_item(tokenizer: Any, prompt: str, choices: Sequence[str], labe
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def _takes_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(_runner(model).forward).parameters
+
+
+# float32 logits plus their float32 log-softmax, per forward of the search; a batch is split below this
+MAX_LOGITS_BYTES = 2 * 1024**3
+
+
+def _vocab_size(model) -> Optional[int]:
+    runner = _runner(model)
+    head = runner.get_output_embeddings() if hasattr(runner, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    size = getattr(getattr(runner, "config", None), "vocab_size", None)
+    return int(size) if size else None
+
+
+def item_batches(
+    items: Sequence[ChoiceItem], batch_size: int, vocab_size: Optional[int], max_logits_bytes: int = MAX_LOGITS_BYTES
+) -> list[Sequence[ChoiceItem]]:
+    """Consecutive batches of at most ``batch_size`` items whose scoring forward projects at most
+    ``max_logits_bytes`` of logits (float32 logits and log-softmax) over ``vocab_size`` tokens; an item that alone
+    passes the budget gets a batch of its own. Order is kept, so the scores concatenate back in item order."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is invalid: expected an integer >= 1.")
+    batches: list[Sequence[ChoiceItem]] = []
+    start, rows, width = 0, 0, 0
+    for i, item in enumerate(items):
+        single = all(len(o) == 1 for o in item.option_ids)
+        item_rows = 1 if single else len(item.option_ids)
+        item_width = 2 if single else 1 + max(len(o) for o in item.option_ids)
+        new_rows, new_width = rows + item_rows, max(width, item_width)
+        over = vocab_size is not None and new_rows * new_width * vocab_size * 8 > max_logits_bytes
+        if i > start and (i - start >= batch_size or over):
+            batches.append(items[start:i])
+            start, new_rows, new_width = i, item_rows, item_width
+        rows, width = new_rows, new_width
+    if start < len(items):
+        batches.append(items[start:])
+    return batches
 
 
 def _rows(items: Sequence[ChoiceItem]) -> list[tuple[int, int]]:
@@ -143,9 +186,12 @@ class CachedBatch:
             positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0).to(device)
             # the prompt end is pinned past the prefix: no gain or hook-based baseline touches these tokens, and
             # every other adapter (a LoRA under the SADI adapter) stays active, as it is for the suffix
+            # only the cache is wanted: project the vocabulary at one position, not at all R x L of them (Gemma 3's
+            # 262k-token vocabulary at 16 x 1 900 MMLU prefix tokens would take 31 GB of logits)
+            keep = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
             with torch.no_grad(), sadi_peft.prompt_boundary(model, self.pin):
                 out = model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
-                            position_ids=positions, use_cache=True)
+                            position_ids=positions, use_cache=True, **keep)
             self.cache = out.past_key_values
 
     def score(self) -> torch.Tensor:
@@ -191,6 +237,7 @@ def score_under(
     show_progress: bool = False,
     desc: str = "grid search",
     depths: Optional[Sequence[int]] = None,
+    max_logits_bytes: int = MAX_LOGITS_BYTES,
 ) -> list[torch.Tensor]:
     """Scores of ``items`` under each intervention: ``contexts[g]()`` opens grid point ``g`` (sets a mask and delta,
     registers a baseline's hooks ...) for the forwards run inside it. Returns one ``[n_items, options]`` tensor per
@@ -204,6 +251,9 @@ def score_under(
     deepest point runs in full and records the inputs of the other points' first steered layers; the others start
     there (:class:`~sadi_peft.harness.layer_replay.LayerReplay`: same scores, fewer layers run). The caller vouches
     that point ``g`` changes nothing below layer ``depths[g]``.
+
+    Batches hold ``batch_size`` items, fewer where their logits (one row per option of multi-token items, one
+    position per option token, the whole vocabulary) would pass ``max_logits_bytes``.
     """
     replay = None
     if depths is not None and not cached:
@@ -214,7 +264,7 @@ def score_under(
     # the deepest point first: its full pass can record the inputs of every shallower point's first layer
     order = sorted(range(len(contexts)), key=lambda g: -depths[g]) if replay is not None else range(len(contexts))
     parts: list[list[torch.Tensor]] = [[] for _ in contexts]
-    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    batches = item_batches(items, batch_size, _vocab_size(model), max_logits_bytes)
     for batch in tqdm(batches, desc=desc, disable=not show_progress):
         prepared = CachedBatch(model, batch, pad_token_id) if cached else None
         for rank, g in enumerate(order):
@@ -274,13 +324,15 @@ def grid_search(
     adapter_name: Optional[str] = None,
     show_progress: bool = True,
     skip_layers: bool = True,
+    max_logits_bytes: int = MAX_LOGITS_BYTES,
 ) -> list[dict[str, Any]]:
     """Accuracy of every (K, delta) grid point on ``items`` (a validation split: choose on it, never on test).
 
     ``model`` carries a calibrated SADI adapter (its stored scores are re-cut for each K); ``cached=True`` needs
     ``positions="last"``. With ``cached=False`` and ``skip_layers=True`` each point runs only the decoder layers from
     its lowest steered one up, fed the states that one full pass per batch recorded there (exact; see
-    :mod:`sadi_peft.harness.layer_replay`). Returns one dict per grid point: ``top_k``, ``delta``, ``accuracy``,
+    :mod:`sadi_peft.harness.layer_replay`). ``batch_size`` items per forward, fewer where their logits would pass
+    ``max_logits_bytes`` (large vocabularies, many long options). Returns one dict per grid point: ``top_k``, ``delta``, ``accuracy``,
     ``n``, ``scores``; the adapter is left at the last grid point.
     """
     config, contexts = sadi_grid_points(model, grid, cached=cached, adapter_name=adapter_name)
@@ -293,7 +345,7 @@ def grid_search(
                 depths.append(first_steered_layer(model, name))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = score_under(model, items, contexts, pad_token_id=pad, cached=cached, batch_size=batch_size,
-                         show_progress=show_progress, depths=depths)
+                         show_progress=show_progress, depths=depths, max_logits_bytes=max_logits_bytes)
     with contexts[-1]():  # leave the adapter at the last grid point (the points may have run in another order)
         pass
     return [{"top_k": k, "delta": d, "accuracy": accuracy_of(s, items), "n": len(items), "scores": s}
