@@ -314,6 +314,44 @@ def test_task_evaluate_agrees_with_the_selection_scorer(sadi_model, fitted, regi
             torch.testing.assert_close(torch.tensor(scores), b["scores"][i, : len(scores)], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["none", "random_mask", "fixed", "caa", "iti"])
+def test_prefix_cached_evaluation_scores_what_full_passes_score(sadi_model, fitted, name):
+    """evaluate_items(prefix_cached=True): the prompt prefix runs once per item and its cache serves every option;
+    the SADI gain (positions='last') and the from-last-token baselines see the same tokens as in full passes."""
+    baseline = _baselines(fitted)[name]
+    if name in ("caa", "iti"):
+        baseline = dataclasses.replace(baseline, positions="from_last")
+    before = _logits(sadi_model)
+    with baseline.apply(sadi_model):
+        full = B.evaluate_items(sadi_model, TOK, ITEMS, batch_size=3)
+        cached = B.evaluate_items(sadi_model, TOK, ITEMS, batch_size=4, prefix_cached=True)
+    torch.testing.assert_close(cached["scores"], full["scores"], atol=1e-5, rtol=0)
+    assert cached["accuracy"] == full["accuracy"] and cached["n"] == len(ITEMS)
+    assert torch.equal(_logits(sadi_model), before)
+
+
+def test_prefix_cached_evaluation_runs_each_prompt_once():
+    model = _sadi_model(delta=10.0)
+    rows = []
+    embed = model.get_base_model().get_input_embeddings()
+    handle = embed.register_forward_hook(lambda m, args, out: rows.append(tuple(args[0].shape)))
+    try:
+        B.evaluate_items(model, TOK, ITEMS, batch_size=len(ITEMS), prefix_cached=True)
+    finally:
+        handle.remove()
+    options = sum(len(c) for _, c, _ in ITEMS)
+    # one prefix forward with a row per item (not per option), then one forward of the option rows
+    assert [r[0] for r in rows] == [len(ITEMS), options]
+    longest_option = max(len(" " + o) for _, c, _ in ITEMS for o in c)
+    assert rows[1][1] == 1 + longest_option
+
+
+def test_prefix_cached_evaluation_refuses_adapters_that_steer_every_position():
+    model = _sadi_model(positions="all")
+    with pytest.raises(ValueError, match="positions='last'.*prefix_cached=False"):
+        B.evaluate_items(model, TOK, ITEMS, prefix_cached=True)
+
+
 # ------------------------------------------------------------------------------------------- errors
 def test_non_llama_models_get_a_clear_error():
     from transformers import GPT2Config, GPT2LMHeadModel

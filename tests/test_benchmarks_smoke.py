@@ -40,6 +40,10 @@ CASES = {
         ["--tiny", "--threads", "1", "--n-pairs", "4", "--batch-size", "2", "--no-bare"],
         {"machine", "settings", "runs", "comparison"},
     ),
+    "choice_scoring": (
+        ["--tiny", "--threads", "1", "--repeats", "1", "--task", "truthfulqa_mc1", "--n-eval", "3", "--steer"],
+        {"machine", "wall_median_s", "cpu_median_s", "wall_ratio", "same_choices", "max_score_diff", "accuracy"},
+    ),
     "distributed_calibration": (
         ["--tiny", "--n-pairs", "4", "--batch-size", "2", "--rounds", "1"],
         {"machine", "settings", "results", "speedup", "cpu_per_pair_ratio", "max_abs_score_difference_vs_1_process",
@@ -110,6 +114,9 @@ def test_benchmark_runs_and_writes_json(runs, name):
         assert report["results"]["world_2"]["pairs_per_process"] == [2, 2]
         assert "median" in report["speedup"]["world_2"]
         assert max(report["max_abs_score_difference_vs_1_process"].values()) <= 1e-5
+    elif name == "choice_scoring":
+        assert report["same_choices"] is True and report["max_score_diff"] <= 1e-4
+        assert report["accuracy"]["full"] == report["accuracy"]["prefix_cached"] and report["steered"] is True
     elif name == "adapter_size":
         assert set(report["results"]) == {"head", "neuron", "hidden"}
         for r in report["results"].values():

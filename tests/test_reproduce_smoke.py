@@ -23,6 +23,9 @@ def test_reproduce_smoke_and_resume(tmp_path, smollm2_path, data_dir):
     args = [str(REPO / "scripts" / "reproduce.py"), "--tiny", "--tasks", "copa", "--methods",
             "none,sadi-head-last,random-head,caa", "--limit", "6", "--n-pairs", "6", "--data-dir", str(data_dir),
             "--out", "results"]
+    stale = tmp_path / "results" / "copa" / "caa.error.json"  # a failure of an earlier run, fixed since
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"error": "MemoryError()"}')
     first = run(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     files = sorted(p.name for p in (tmp_path / "results" / "copa").glob("*.json"))
@@ -30,6 +33,7 @@ def test_reproduce_smoke_and_resume(tmp_path, smollm2_path, data_dir):
     record = json.loads((tmp_path / "results" / "copa" / "sadi-head-last.json").read_text())
     assert record["split"] == "test" and record["n"] == 6 and "top_k" in record["chosen"]
     assert sum(record["predicted_counts"]) == 6 and sum(record["label_counts"]) == 6
+    assert record["test_scoring"] == "prefix-cached"
     second = run(*args, cwd=tmp_path)
     assert second.returncode == 0 and second.stderr.count("skip ") == 4
     report = run("-m", "sadi_peft.cli", "report", "results", cwd=tmp_path)

@@ -149,7 +149,10 @@ def crop_cache(cache, length: int) -> None:
 
 
 class CachedBatch:
-    """A batch of examples with the KV cache of their prompts minus the last token, ready for many grid points."""
+    """A batch of examples with the KV cache of their prompts minus the last token, ready for many grid points.
+
+    Each prompt prefix runs once, however many options its item has: the cache is computed on one row per item and
+    then copied to the item's option rows (a multi-token option needs a row of its own)."""
 
     def __init__(self, model, items: Sequence[ChoiceItem], pad_token_id: int) -> None:
         self.model, self.items = model, items
@@ -161,18 +164,21 @@ class CachedBatch:
             else:
                 self.rows.extend((i, j) for j in range(len(item.option_ids)))
         device = _device(model)
-        prefixes = [items[i].prompt_ids[:-1] for i, _ in self.rows]
+        prefixes = [item.prompt_ids[:-1] for item in items]
         suffixes = [items[i].prompt_ids[-1:] + ([] if j is None else items[i].option_ids[j]) for i, j in self.rows]
         self.prefix_len = max(len(p) for p in prefixes)
         L, S, R = self.prefix_len, max(len(s) for s in suffixes), len(self.rows)
-        prefix_ids = torch.full((R, L), pad_token_id, dtype=torch.long)
-        prefix_mask = torch.zeros((R, L), dtype=torch.long)
+        prefix_ids = torch.full((len(items), L), pad_token_id, dtype=torch.long)
+        item_mask = torch.zeros((len(items), L), dtype=torch.long)
+        for i, p in enumerate(prefixes):
+            if p:  # left padding: every prefix ends at column L - 1
+                prefix_ids[i, L - len(p) :] = torch.tensor(p)
+                item_mask[i, L - len(p) :] = 1
+        row_item = torch.tensor([i for i, _ in self.rows])
+        prefix_mask = item_mask[row_item]
         suffix_ids = torch.full((R, S), pad_token_id, dtype=torch.long)
         suffix_mask = torch.zeros((R, S), dtype=torch.long)
-        for r, (p, s) in enumerate(zip(prefixes, suffixes)):
-            if p:  # left padding: every prefix ends at column L - 1
-                prefix_ids[r, L - len(p) :] = torch.tensor(p)
-                prefix_mask[r, L - len(p) :] = 1
+        for r, s in enumerate(suffixes):
             suffix_ids[r, : len(s)] = torch.tensor(s)  # right padding after the prefix
             suffix_mask[r, : len(s)] = 1
         lengths = prefix_mask.sum(-1)
@@ -183,16 +189,18 @@ class CachedBatch:
         self.pin = torch.cat([torch.ones(R, L + 1, dtype=torch.long), torch.zeros(R, S - 1, dtype=torch.long)], 1).to(device)
         self.cache = None
         if L > 0:
-            positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0).to(device)
-            # the prompt end is pinned past the prefix: no gain or hook-based baseline touches these tokens, and
-            # every other adapter (a LoRA under the SADI adapter) stays active, as it is for the suffix
-            # only the cache is wanted: project the vocabulary at one position, not at all R x L of them (Gemma 3's
+            positions = (item_mask.cumsum(-1) - 1).clamp(min=0).to(device)
+            # only the cache is wanted: project the vocabulary at one position, not at all of them (Gemma 3's
             # 262k-token vocabulary at 16 x 1 900 MMLU prefix tokens would take 31 GB of logits)
             keep = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
-            with torch.no_grad(), sadi_peft.prompt_boundary(model, self.pin):
-                out = model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
+            # the prompt end is pinned past the prefix: no gain or hook-based baseline touches these tokens, and
+            # every other adapter (a LoRA under the SADI adapter) stays active, as it is for the suffix
+            with torch.no_grad(), sadi_peft.prompt_boundary(model, self.pin[: len(items)]):
+                out = model(input_ids=prefix_ids.to(device), attention_mask=item_mask.to(device),
                             position_ids=positions, use_cache=True, **keep)
             self.cache = out.past_key_values
+            if R != len(items):  # one cache row per option row
+                self.cache.batch_select_indices(row_item.to(device))
 
     def score(self) -> torch.Tensor:
         """Scores at the adapter's current mask and delta (the cache is cropped back afterwards)."""
@@ -252,7 +260,8 @@ def score_under(
     there (:class:`~sadi_peft.harness.layer_replay.LayerReplay`: same scores, fewer layers run). The caller vouches
     that point ``g`` changes nothing below layer ``depths[g]``.
 
-    Batches hold ``batch_size`` items, fewer where their logits (one row per option of multi-token items, one
+    Batches hold ``batch_size`` items of similar length (sorted by their longest row; the scores come back in the
+    order of ``items``), fewer where their logits (one row per option of multi-token items, one
     position per option token, the whole vocabulary) would pass ``max_logits_bytes``.
     """
     replay = None
@@ -264,7 +273,10 @@ def score_under(
     # the deepest point first: its full pass can record the inputs of every shallower point's first layer
     order = sorted(range(len(contexts)), key=lambda g: -depths[g]) if replay is not None else range(len(contexts))
     parts: list[list[torch.Tensor]] = [[] for _ in contexts]
-    batches = item_batches(items, batch_size, _vocab_size(model), max_logits_bytes)
+    # items of similar length batched together (less padding: TruthfulQA's options run from 2 to 60 tokens); the
+    # scores go back to the callers' order at the end
+    by_length = sorted(range(len(items)), key=lambda i: len(items[i].prompt_ids) + max(map(len, items[i].option_ids)))
+    batches = item_batches([items[i] for i in by_length], batch_size, _vocab_size(model), max_logits_bytes)
     for batch in tqdm(batches, desc=desc, disable=not show_progress):
         prepared = CachedBatch(model, batch, pad_token_id) if cached else None
         for rank, g in enumerate(order):
@@ -281,7 +293,8 @@ def score_under(
                         parts[g].append(score_naive(model, batch, pad_token_id))
                 else:  # depth 0, or a layer that returns more than its hidden states: run in full
                     parts[g].append(score_naive(model, batch, pad_token_id))
-    return [concat_scores(p) for p in parts]
+    restore = torch.argsort(torch.tensor(by_length))
+    return [concat_scores(p)[restore] for p in parts]
 
 
 def sadi_grid_points(
