@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 import sadi_peft
-from sadi_peft.harness.search import crop_cache, sadi_grid_points
+from sadi_peft.harness.search import crop_cache, prepare_rollback, sadi_grid_points
 from sadi_peft.tasks.protocols import normalize_answer
 
 logger = logging.getLogger(__name__)
@@ -125,6 +125,7 @@ class GreedyBatch:
                 out = model(input_ids=self.ids[:, :L], attention_mask=self.mask[:, :L],
                             position_ids=self.positions[:, :L], use_cache=True, logits_to_keep=1)
             self.cache = out.past_key_values
+            prepare_rollback(self.cache)
 
     def generate(self) -> list[str]:
         """Greedy answers (text up to the first newline) under the interventions active now."""

@@ -126,6 +126,17 @@ def score_naive(model, items: Sequence[ChoiceItem], pad_token_id: int, batch_siz
     return _collect(items, rows, [scores[i][j] for i, j in rows])
 
 
+def prepare_rollback(cache) -> None:
+    """Make ``cache`` croppable back to its current length after later forwards.
+
+    A sliding-window layer (Gemma 2/3, Mistral) keeps only its last ``window - 1`` keys; once a grid point's tokens
+    push it past the window, the keys a rollback needs are gone. transformers 5 can keep them until the next
+    ``crop`` (``activate_past_recording``), which changes no attention output: the same keys are visible. Older
+    versions lack it; there :func:`crop_cache` raises a clear error instead."""
+    if cache is not None and hasattr(cache, "activate_past_recording"):
+        cache.activate_past_recording()
+
+
 def crop_cache(cache, length: int) -> None:
     """Drop the tokens of ``cache`` past ``length`` (the prompt prefix), so the next grid point starts from it.
 
@@ -199,6 +210,7 @@ class CachedBatch:
                 out = model(input_ids=prefix_ids.to(device), attention_mask=item_mask.to(device),
                             position_ids=positions, use_cache=True, **keep)
             self.cache = out.past_key_values
+            prepare_rollback(self.cache)
             if R != len(items):  # one cache row per option row
                 self.cache.batch_select_indices(row_item.to(device))
 
