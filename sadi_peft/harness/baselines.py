@@ -452,7 +452,7 @@ def evaluate_items(
     (prompt, option) sequences per forward, sorted by length across the whole set.
 
     ``prefix_cached=True``: each prompt minus its last token runs once, and its KV cache serves every option of the
-    item (:class:`~sadi_peft.harness.search.CachedBatch`; ``batch_size`` items per forward, in order). Same scores up
+    item (:class:`~sadi_peft.harness.search.CachedBatch`; ``batch_size`` items of similar length per forward). Same scores up
     to float rounding (tested), several times faster when options are many and prompts long (TruthfulQA's six-shot
     primer). Valid only when nothing steers the tokens before the last prompt token: the unsteered model, SADI with
     ``positions="last"``, additive baselines with ``"last"`` / ``"from_last"``. A SADI adapter with another
