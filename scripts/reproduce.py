@@ -18,6 +18,8 @@ selection and on the test split alike.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -85,18 +87,28 @@ def items_of(tokenizer, task, examples, max_new_tokens: int):
     return [encode_choice_item(tokenizer, e.prompt, e.choices, e.label) for e in examples]
 
 
+def test_digest(examples) -> str:
+    """A fingerprint of the test subsample (its examples, in order): two result files whose ``per_example`` lists
+    share it score the same examples in the same order, so they can be compared pairwise."""
+    text = json.dumps([dataclasses.asdict(e) for e in examples], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def evaluate_test(args, task, model, tokenizer, test, prefix_cached: bool = False) -> dict:
     """The task's metric on the test examples, the model as it runs now (the one scoring of the test split):
-    ``accuracy``, ``n`` and, for choice tasks, how often each option index was predicted and was gold (so that a
-    method that only moves the model to always giving one answer shows as such).
+    ``accuracy``, ``n``, ``per_example`` (each example's value of the metric, in test order, for paired comparisons
+    between methods: ``sadi-peft report --paired``) and, for choice tasks, how often each option index was predicted
+    and was gold (so that a method that only moves the model to always giving one answer shows as such).
 
     ``prefix_cached``: each prompt's prefix runs once for all its options (same scores up to float rounding; only
     for interventions that leave the tokens before the last prompt token alone). Recorded as ``test_scoring``."""
+    paired = {"test_digest": test_digest(test)}
     if generative(task):
         items = items_of(tokenizer, task, test, args.max_new_tokens)
         result = evaluate_generation(model, tokenizer, items, batch_size=args.batch_size)
         return {"accuracy": result["accuracy"], "n": result["n"],
-                "empty_answers": sum(1 for p in result["predictions"] if not p)}
+                "empty_answers": sum(1 for p in result["predictions"] if not p),
+                "per_example": [int(c) for c in result["correct"]], **paired}
     if prefix_cached:
         result = baselines.evaluate_items(model, tokenizer, test, batch_size=args.search_batch_size,
                                           prefix_cached=True)
@@ -105,25 +117,33 @@ def evaluate_test(args, task, model, tokenizer, test, prefix_cached: bool = Fals
     width = result["scores"].shape[1]
     predicted = torch.bincount(result["scores"].argmax(-1), minlength=width).tolist()
     gold = torch.bincount(torch.tensor([e.label for e in test]), minlength=width).tolist()
-    return {"accuracy": task_metric(task, test, result["scores"]), "n": result["n"],
+    values = per_example_metric(task, test, result["scores"])
+    return {"accuracy": sum(values) / len(values), "n": result["n"],
             "predicted_counts": predicted, "label_counts": gold,
-            "test_scoring": "prefix-cached" if prefix_cached else "full"}
+            "test_scoring": "prefix-cached" if prefix_cached else "full",
+            "per_example": values if task.metric == "mc2" else [int(v) for v in values], **paired}
+
+
+def per_example_metric(task, examples, scores: torch.Tensor) -> list[float]:
+    """Each example's value of the task's metric from ``[n, options]`` choice scores: TruthfulQA MC2's probability
+    mass on the true options for ``truthfulqa_mc2``, else 1.0 / 0.0 for a right / wrong argmax."""
+    if task.metric == "mc2":
+        return [mc2([float(x) for x in row[: len(ex.choices)]], ex.true_labels or (ex.label,))
+                for ex, row in zip(examples, scores)]
+    labels = torch.tensor([ex.label for ex in examples])
+    return (scores.argmax(-1) == labels).double().tolist()
 
 
 def task_metric(task, examples, scores: torch.Tensor) -> float:
-    """The task's metric from ``[n, options]`` choice scores (``[seeds, n, options]``: mean over seeds): TruthfulQA
-    MC2 (probability mass on the true options) for ``truthfulqa_mc2``, else accuracy. For a generative task the
-    "scores" are the per-example exact-match outcomes (``[n]``, ``[seeds, n]``): their mean."""
+    """The task's metric from ``[n, options]`` choice scores (``[seeds, n, options]``: mean over seeds): the mean of
+    :func:`per_example_metric`. For a generative task the "scores" are the per-example exact-match outcomes
+    (``[n]``, ``[seeds, n]``): their mean."""
     if generative(task):
         return float(scores.double().mean())
     if scores.dim() == 3:
         return sum(task_metric(task, examples, s) for s in scores) / scores.shape[0]
-    if task.metric == "mc2":
-        values = [mc2([float(x) for x in row[: len(ex.choices)]], ex.true_labels or (ex.label,))
-                  for ex, row in zip(examples, scores)]
-        return sum(values) / len(values)
-    labels = torch.tensor([ex.label for ex in examples])
-    return float((scores.argmax(-1) == labels).float().mean())
+    values = per_example_metric(task, examples, scores)
+    return sum(values) / len(values)
 
 
 _CALIBRATION_CACHE: dict[tuple[str, str], tuple[list[torch.Tensor], dict]] = {}
@@ -149,7 +169,11 @@ def calibrated(args, task, model, tokenizer, pairs, variant: str, positions: str
     return model
 
 
-def run_one(args, task, method: str) -> dict:
+def run_one(args, task, method: str, only_point: dict | None = None) -> dict:
+    """Search ``method``'s grid on validation, score the chosen point on test: the result record.
+
+    ``only_point`` (a result's ``chosen``): the grid is that one point, for re-scoring a stored result's test split
+    without its search (``--add-per-example``)."""
     started, cpu_started = time.perf_counter(), time.process_time()
     model, tokenizer = load(args)
     split_examples = {s: task.load(s, args.data_dir) for s in ("pairs", "validation", "test")}
@@ -179,6 +203,8 @@ def run_one(args, task, method: str) -> dict:
         units = sum(model.peft_config["default"].unit_counts.values())
         k_grid, delta_grid = (K_GRID[variant], DELTA_GRID) if positions == "last" else ALL_GRID[variant]
         grid = [(k, d) for k in k_grid if k <= units for d in delta_grid]
+        if only_point is not None:
+            grid = [(only_point["top_k"], only_point["delta"])]
         search = generation_grid_search if generative(task) else grid_search
         results = search(model, tokenizer, validation_items, grid, cached=(positions == "last"),
                          batch_size=args.search_batch_size, show_progress=False)
@@ -217,6 +243,8 @@ def run_one(args, task, method: str) -> dict:
             grid = [(k, a) for k, a in ITI_GRID if k <= len(base.ranking)]
         else:
             raise ValueError(f"unknown method {method!r}; known: {METHODS}")
+        if only_point is not None:
+            grid = [dict(only_point)]
         selection = base.select_on_validation(model, tokenizer, validation_items, grid, "validation",
                                               batch_size=args.search_batch_size)
         points = selection.results
@@ -238,6 +266,34 @@ def run_one(args, task, method: str) -> dict:
     record["wall_seconds"] = time.perf_counter() - started
     record["cpu_seconds"] = time.process_time() - cpu_started  # the steadier clock on a shared machine
     return record
+
+
+def add_per_example(args, task, method: str, path: Path) -> bool:
+    """Give the stored result at ``path`` its ``per_example`` values by scoring its chosen point on the test split
+    again; False (the file untouched) when the rescored metric differs from the stored one."""
+    if not path.exists():
+        logger.info("skip %s (no result)", path)
+        return True
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    if "per_example" in stored:
+        logger.info("skip %s (has per-example values)", path)
+        return True
+    logger.info("rescore %s / %s at %s", task.name, method, stored.get("chosen"))
+    started = time.perf_counter()
+    # the stored row's own test scoring (rows without the field ran full passes); its adapter is already saved
+    same = argparse.Namespace(**{**vars(args), "save_adapters": False,
+                                 "prefix_cached_test": stored.get("test_scoring") == "prefix-cached"})
+    record = run_one(same, task, method, only_point=stored.get("chosen") or None)
+    if abs(record["accuracy"] - stored["accuracy"]) > 1e-6 or record["n"] != stored["n"]:
+        logger.error("%s: rescored %.6f (n=%d) differs from the stored %.6f (n=%d); file left as it is", path,
+                     record["accuracy"], record["n"], stored["accuracy"], stored["n"])
+        return False
+    stored.update(per_example=record["per_example"], test_digest=record["test_digest"],
+                  per_example_added={"wall_seconds": time.perf_counter() - started,
+                                     "test_scoring": record.get("test_scoring")})
+    write_json(path, stored)
+    logger.info("%s: per-example values added (metric %.4f reproduced)", path, record["accuracy"])
+    return True
 
 
 def main() -> int:
@@ -269,6 +325,11 @@ def main() -> int:
                         help="do not save the chosen SADI adapters (default: <out>/<task>/<method>.adapter/)")
     parser.add_argument("--limit", type=int, default=None, help="cap every split (smoke runs only)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--add-per-example", action="store_true",
+                        help="instead of running missing results, add the per-example test values (for `sadi-peft "
+                             "report --paired`) to present result files that lack them: the stored chosen point is "
+                             "scored again on the test split (no search) and written only if it reproduces the "
+                             "stored test metric")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -279,6 +340,9 @@ def main() -> int:
         task = get_task(task_name)
         for method in args.methods.split(","):
             path = args.out / task.name / f"{method}.json"
+            if args.add_per_example:
+                failures += not add_per_example(args, task, method, path)
+                continue
             if path.exists():
                 logger.info("skip %s (present)", path)
                 continue

@@ -22,14 +22,14 @@ import shlex
 import sys
 from pathlib import Path
 
-from sadi_peft.cli.report import collect, details, markdown
+from sadi_peft.cli.report import collect, details, markdown, paired
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(<!-- generated: (?P<command>[^\n]*?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
 
 
 def render(command: str, root: Path) -> str:
-    """The output of one ``sadi-peft report <paths> [--details] [--split S]`` command, run in-process."""
+    """The output of one ``sadi-peft report <paths> [--details] [--paired M] [--split S]`` command, run in-process."""
     words = shlex.split(command)
     if words[:2] != ["sadi-peft", "report"]:
         raise ValueError(f"generated block names {command!r}; expected a `sadi-peft report ...` command")
@@ -37,11 +37,13 @@ def render(command: str, root: Path) -> str:
     parser.add_argument("paths", nargs="+")
     parser.add_argument("--split", default="test")
     parser.add_argument("--details", action="store_true")
+    parser.add_argument("--paired", default=None)
     args = parser.parse_args(words[2:])
     table = collect([root / p for p in args.paths], args.split)
     if not table:
         raise ValueError(f"`{command}`: no results for split {args.split!r} under {args.paths}")
-    return markdown(table) + ("\n" + details(table) if args.details else "")
+    return (markdown(table) + ("\n" + details(table) if args.details else "")
+            + ("\n" + paired(table, args.paired) if args.paired else ""))
 
 
 def update(text: str, root: Path) -> str:

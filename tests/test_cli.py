@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -93,6 +94,45 @@ def test_report_flags_partial_averages_and_lists_the_chosen_hyperparameters(tmp_
     result("sst2", "sadi-head-last", 0.25)  # complete: no extra column
     text = report.markdown(report.collect([tmp_path], "test"))
     assert "every row" not in text and "| sadi-head-last | 100.00 (n=4) | 25.00 (n=4) | 62.50 |" in text
+
+
+def test_report_paired_compares_methods_on_the_same_examples(tmp_path):
+    from sadi_peft.cli import report
+
+    def result(task, method, values, digest="d1"):
+        path = tmp_path / task / f"{method}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"task": task, "method": method, "split": "test", "n": len(values),
+                                    "accuracy": sum(values) / len(values), "per_example": values,
+                                    "test_digest": digest}))
+
+    # 40 examples: the method is right on 12 the reference gets wrong, wrong on 2 it gets right
+    reference = [0] * 20 + [1] * 20
+    method = [1] * 12 + [0] * 8 + [1] * 18 + [0] * 2
+    result("sst2", "none", reference)
+    result("sst2", "sadi-head-last", method)
+    result("sst2", "caa", reference)  # identical answers
+    result("sst2", "iti", method, digest="other test set")  # not the same examples: never paired
+    result("truthfulqa_mc2", "none", [0.5, 0.25, 0.75, 0.5])
+    result("truthfulqa_mc2", "sadi-head-last", [0.75, 0.25, 0.5, 1.0])
+    result("copa", "none", [1, 0])  # stored before per-example values: no reference values
+    (tmp_path / "copa" / "none.json").write_text(json.dumps({"task": "copa", "method": "none", "split": "test",
+                                                              "n": 2, "accuracy": 0.5}))
+    result("copa", "caa", [1, 1])
+    text = report.paired(report.collect([tmp_path], "test"), "none")
+    expected_p = 2 * sum(math.comb(14, i) for i in range(3)) / 2**14  # exact binomial tail, 14 discordant
+    assert f"| sst2 | sadi-head-last | 40 | 50.00 | 75.00 | +25.00 | " in text
+    assert f"| 12 / 2 | {expected_p:.3g} |" in text and 0.004 < expected_p < 0.02
+    row = next(line for line in text.splitlines() if line.startswith("| sst2 | sadi-head-last"))
+    low, high = (float(x) for x in row.split("| [")[1].split("]")[0].split(", "))
+    assert 0 < low < 25 < high  # the interval holds the observed difference and excludes 0 here
+    assert "| sst2 | caa | 40 | 50.00 | 50.00 | +0.00 | [+0.00, +0.00] | 0 / 0 | 1 |" in text
+    assert "| truthfulqa_mc2 | sadi-head-last | 4 | 50.00 | 62.50 | +12.50 |" in text and "| – | – |" in text
+    assert "Not compared (2;" in text and "sst2: iti" in text and "copa: caa" in text
+    assert report.mcnemar_p(5, 5) == 1.0 and report.mcnemar_p(0, 0) == 1.0
+    assert report.mcnemar_p(10, 0) == pytest.approx(2 / 1024)
+    with pytest.raises(ValueError, match="no results of that method"):
+        report.paired(report.collect([tmp_path], "test"), "random-head")
 
 
 @pytest.mark.slow

@@ -38,6 +38,29 @@ def test_reproduce_smoke_and_resume(tmp_path, smollm2_path, data_dir):
     assert second.returncode == 0 and second.stderr.count("skip ") == 4
     report = run("-m", "sadi_peft.cli", "report", "results", cwd=tmp_path)
     assert report.returncode == 0 and "| none |" in report.stdout and "copa" in report.stdout
+    # every result stores its per-example test values; results written before that get them by --add-per-example,
+    # which rescores the stored chosen point and writes only when it reproduces the stored metric
+    folder = tmp_path / "results" / "copa"
+    stored = {m: json.loads((folder / f"{m}.json").read_text()) for m in ("none", "sadi-head-last", "random-head", "caa")}
+    for r in stored.values():
+        assert len(r["per_example"]) == 6 and set(r["per_example"]) <= {0, 1}
+        assert sum(r["per_example"]) / 6 == pytest.approx(r["accuracy"]) and r["test_digest"] == record["test_digest"]
+    for method, r in stored.items():
+        old = {k: v for k, v in r.items() if k not in ("per_example", "test_digest")}
+        if method == "none":
+            del old["test_scoring"]  # a row from before 2026-12-05: rescored with full passes
+        if method == "caa":
+            old["accuracy"] += 1 / 6  # a stored metric the rescoring cannot reproduce
+        (folder / f"{method}.json").write_text(json.dumps(old))
+    tampered = (folder / "caa.json").read_text()
+    rescored = run(*args, "--add-per-example", cwd=tmp_path)
+    assert rescored.returncode == 1 and "differs from the stored" in rescored.stderr
+    assert (folder / "caa.json").read_text() == tampered
+    for method in ("none", "sadi-head-last", "random-head"):
+        again = json.loads((folder / f"{method}.json").read_text())
+        assert again["per_example"] == stored[method]["per_example"] and "per_example_added" in again
+    paired = run("-m", "sadi_peft.cli", "report", "results", "--paired", "none", cwd=tmp_path)
+    assert paired.returncode == 0 and "| copa | sadi-head-last | 6 |" in paired.stdout and "copa: caa" in paired.stdout
     # the chosen adapter is saved beside its result, and its Hub card is built from the result files
     assert (tmp_path / "results" / "copa" / "sadi-head-last.adapter" / "adapter_config.json").is_file()
     cards = run(str(REPO / "scripts" / "publish_cards.py"), "results", "--base-model", "org/base", "--repo-prefix",
@@ -61,6 +84,7 @@ def test_reproduce_triviaqa_selects_and_scores_by_generation(tmp_path, smollm2_p
         assert record["protocol"] == "generate" and record["metric"] == "exact_match"
         assert record["max_new_tokens"] == 3 and record["n"] == 4 and 0 <= record["accuracy"] <= 1
         assert 0 <= record["empty_answers"] <= 4
+        assert len(record["per_example"]) == 4 and sum(record["per_example"]) / 4 == pytest.approx(record["accuracy"])
     sadi = json.loads((tmp_path / "results" / "triviaqa" / "sadi-head-last.json").read_text())
     assert len(sadi["grid"]) > 1 and sadi["validation_accuracy"] == max(g["accuracy"] for g in sadi["grid"])
     cards = run(str(REPO / "scripts" / "publish_cards.py"), "results", "--base-model", "org/base", "--repo-prefix",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from . import EXIT_OK
@@ -19,6 +20,10 @@ def register(subparsers) -> None:
     parser.add_argument("--split", default="test", help="only results of this split")
     parser.add_argument("--details", action="store_true",
                         help="add a second table: chosen hyperparameters, validation accuracy, sizes, seed, times")
+    parser.add_argument("--paired", metavar="METHOD", default=None,
+                        help="add a table comparing every method with METHOD (e.g. none) on the same test examples: "
+                        "difference, paired bootstrap 95%% interval, discordant pairs and exact McNemar p; needs the "
+                        "per-example values that scripts/reproduce.py stores")
     parser.add_argument("--out", type=Path, default=None, help="write the table here (default: print it)")
     parser.set_defaults(func=run)
 
@@ -102,6 +107,63 @@ def details(table: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar p-value: the probability, under "both methods are equally good", of a split of the
+    ``only_a + only_b`` discordant examples at least as uneven as the one observed (binomial, p = 1/2)."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def bootstrap_interval(differences: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of the mean of ``differences`` over ``resamples`` seeded bootstrap resamples of the
+    examples (paired: each resample keeps both methods' values of an example together)."""
+    import torch  # the report needs no torch otherwise
+
+    values = torch.tensor(differences, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    means = values[torch.randint(len(values), (resamples, len(values)), generator=generator)].mean(1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return low, high
+
+
+def paired(table: dict[str, dict[str, dict]], reference: str) -> str:
+    """Every method against ``reference`` on each task where both results hold ``per_example`` values of the same test
+    examples (same ``test_digest``): mean difference in points, its paired bootstrap 95 % interval and, for 0/1
+    metrics, the discordant examples and the exact McNemar p. No correction for the many comparisons is applied."""
+    if reference not in table:
+        raise ValueError(f"--paired {reference!r}: no results of that method; methods present: {sorted(table)}")
+    lines = [f"| task | method | n | {reference} | method | difference (points) | 95 % interval (paired bootstrap) | "
+             f"right only with method / only with {reference} | McNemar p |", "|---" * 9 + "|"]
+    skipped: dict[str, list[str]] = {}
+    for task in sorted(table[reference]):
+        base = table[reference][task]
+        for method in sorted((m for m in table if m != reference and task in table[m]), key=_method_key):
+            other = table[method][task]
+            a, b = other.get("per_example"), base.get("per_example")
+            if a is None or b is None or other.get("test_digest") != base.get("test_digest") or len(a) != len(b):
+                skipped.setdefault(task, []).append(method)
+                continue
+            differences = [x - y for x, y in zip(a, b)]
+            low, high = bootstrap_interval(differences)
+            binary = all(v in (0, 1) for v in (*a, *b))
+            only_a = sum(1 for x, y in zip(a, b) if x > y)
+            only_b = sum(1 for x, y in zip(a, b) if x < y)
+            cells = [task, method, str(len(a)), f"{100 * sum(b) / len(b):.2f}", f"{100 * sum(a) / len(a):.2f}",
+                     f"{100 * sum(differences) / len(differences):+.2f}", f"[{100 * low:+.2f}, {100 * high:+.2f}]",
+                     f"{only_a} / {only_b}" if binary else "–",
+                     f"{mcnemar_p(only_a, only_b):.3g}" if binary else "–"]
+            lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    if skipped:
+        listed = "; ".join(f"{task}: {', '.join(methods)}" for task, methods in skipped.items())
+        text += (f"\nNot compared ({sum(map(len, skipped.values()))}; no per-example values of the same test "
+                 f"examples, e.g. results written before they were stored): {listed}\n")
+    return text
+
+
 def run(args: argparse.Namespace) -> int:
     table = collect(args.paths, args.split)
     if not table:
@@ -109,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
     text = markdown(table)
     if args.details:
         text += "\n" + details(table)
+    if args.paired:
+        text += "\n" + paired(table, args.paired)
     if args.out:
         args.out.write_text(text, encoding="utf-8")
         print(f"wrote {args.out}")
