@@ -18,8 +18,6 @@ selection and on the test split alike.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -41,7 +39,7 @@ from sadi_peft.harness.generation import (  # noqa: E402
     generation_grid_search,
 )
 from sadi_peft.harness.search import encode_choice_item, grid_search  # noqa: E402
-from sadi_peft.tasks import get_task, select_examples  # noqa: E402
+from sadi_peft.tasks import examples_digest, get_task, select_examples  # noqa: E402
 from sadi_peft.tasks.protocols import mc2  # noqa: E402
 
 logger = logging.getLogger("reproduce")
@@ -87,13 +85,6 @@ def items_of(tokenizer, task, examples, max_new_tokens: int):
     return [encode_choice_item(tokenizer, e.prompt, e.choices, e.label) for e in examples]
 
 
-def test_digest(examples) -> str:
-    """A fingerprint of the test subsample (its examples, in order): two result files whose ``per_example`` lists
-    share it score the same examples in the same order, so they can be compared pairwise."""
-    text = json.dumps([dataclasses.asdict(e) for e in examples], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
 def evaluate_test(args, task, model, tokenizer, test, prefix_cached: bool = False) -> dict:
     """The task's metric on the test examples, the model as it runs now (the one scoring of the test split):
     ``accuracy``, ``n``, ``per_example`` (each example's value of the metric, in test order, for paired comparisons
@@ -102,7 +93,7 @@ def evaluate_test(args, task, model, tokenizer, test, prefix_cached: bool = Fals
 
     ``prefix_cached``: each prompt's prefix runs once for all its options (same scores up to float rounding; only
     for interventions that leave the tokens before the last prompt token alone). Recorded as ``test_scoring``."""
-    paired = {"test_digest": test_digest(test)}
+    paired = {"examples_digest": examples_digest(test)}
     if generative(task):
         items = items_of(tokenizer, task, test, args.max_new_tokens)
         result = evaluate_generation(model, tokenizer, items, batch_size=args.batch_size)
@@ -288,7 +279,7 @@ def add_per_example(args, task, method: str, path: Path) -> bool:
         logger.error("%s: rescored %.6f (n=%d) differs from the stored %.6f (n=%d); file left as it is", path,
                      record["accuracy"], record["n"], stored["accuracy"], stored["n"])
         return False
-    stored.update(per_example=record["per_example"], test_digest=record["test_digest"],
+    stored.update(per_example=record["per_example"], examples_digest=record["examples_digest"],
                   per_example_added={"wall_seconds": time.perf_counter() - started,
                                      "test_scoring": record.get("test_scoring")})
     write_json(path, stored)

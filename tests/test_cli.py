@@ -62,8 +62,11 @@ def test_fit_search_eval_report_plot(tmp_path, smollm2_path, data_dir):
     payload = json.loads((tmp_path / "results" / "sadi.json").read_text())
     assert payload["method"] == "sadi-head-last" and payload["n"] == 6 and 0 <= payload["accuracy"] <= 1
 
-    report = cli("report", "results", cwd=tmp_path)
+    assert len(payload["per_example"]) == 6 and sum(payload["per_example"]) / 6 == pytest.approx(payload["accuracy"])
+
+    report = cli("report", "results", "--paired", "none", cwd=tmp_path)
     assert report.returncode == 0 and "| none |" in report.stdout and "| sadi-head-last |" in report.stdout
+    assert "| sst2 | sadi-head-last | 6 |" in report.stdout  # same examples: compared pairwise
 
     plot = cli("plot", "fitted", cwd=tmp_path)
     assert plot.returncode == 0 and (tmp_path / "fitted" / "scores.png").stat().st_size > 0
@@ -104,7 +107,7 @@ def test_report_paired_compares_methods_on_the_same_examples(tmp_path):
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps({"task": task, "method": method, "split": "test", "n": len(values),
                                     "accuracy": sum(values) / len(values), "per_example": values,
-                                    "test_digest": digest}))
+                                    "examples_digest": digest}))
 
     # 40 examples: the method is right on 12 the reference gets wrong, wrong on 2 it gets right
     reference = [0] * 20 + [1] * 20

@@ -434,6 +434,7 @@ def test_mc2_metric(tiny, smol_tokenizer, parts):
         probs.append(float(weights[list(ex.true_labels)].sum()))
     assert result["metric"] == "mc2" and abs(result["accuracy"] - sum(probs) / 2) < 1e-9
     assert result["mc2"] == result["accuracy"] and 0.0 <= result["mc1"] <= 1.0
+    assert result["per_example"] == pytest.approx(probs, abs=1e-12)  # each question's MC2, for paired comparisons
     with pytest.raises(ValueError, match="supports the protocols"):
         evaluate(tiny, smol_tokenizer, "truthfulqa_mc2", examples, "argmax")
 
@@ -478,6 +479,7 @@ def test_generate_protocol(tiny, smol_tokenizer, parts, monkeypatch):
     answers = [f"the {ex.answers[-1].upper()}." for ex in examples[:3]] + ["nothing"]
     monkeypatch.setattr(protocols_mod, "generate_answers", lambda *a, **k: answers)
     assert evaluate(tiny, smol_tokenizer, "triviaqa", examples)["correct"] == [True, True, True, False]
+    assert evaluate(tiny, smol_tokenizer, "triviaqa", examples)["per_example"] == [1.0, 1.0, 1.0, 0.0]
 
 
 # ------------------------------------------------------------------------------------------- steered model

@@ -14,7 +14,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval", help="evaluate an adapter or the unsteered model on a task split",
         description="Evaluate a saved SADI adapter (--adapter) or the unsteered model (no --adapter) on a task "
-        "split and write a JSON with accuracy, n, protocol, seed and wall time.",
+        "split and write a JSON with accuracy, n, protocol, seed, wall time and each example's metric value "
+        "(`sadi-peft report --paired` compares two such files example by example).",
     )
     parser.add_argument("--task", required=True, help="task name, e.g. sst2, copa, boolq, mmlu, jsonl:<path>")
     parser.add_argument("--split", default="validation", choices=("validation", "test"), help="split to score")
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from peft import PeftModel
 
     import sadi_peft  # noqa: F401  (registers the SADI type before loading an adapter)
-    from sadi_peft.tasks import evaluate, get_task
+    from sadi_peft.tasks import evaluate, examples_digest, get_task
 
     task = get_task(args.task)
     examples = task.load(args.split, args.data_dir)
@@ -51,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         "task": task.name, "split": args.split, "method": method, "model": args.model,
         "adapter": str(args.adapter) if args.adapter else None, "accuracy": result["accuracy"], "n": result["n"],
         "protocol": result["protocol"], "metric": result.get("metric"), "seed": args.seed, "wall_seconds": seconds,
+        # for `sadi-peft report --paired`: each example's metric value, and which examples (in order) they are
+        "per_example": result["per_example"], "examples_digest": examples_digest(examples),
     }
     write_json(args.out, payload)
     print(f"{task.name} {args.split} ({method}, {payload['protocol']}): accuracy {payload['accuracy']:.4f} "

@@ -131,7 +131,7 @@ def bootstrap_interval(differences: list[float], resamples: int = 10_000, seed: 
 
 def paired(table: dict[str, dict[str, dict]], reference: str) -> str:
     """Every method against ``reference`` on each task where both results hold ``per_example`` values of the same test
-    examples (same ``test_digest``): mean difference in points, its paired bootstrap 95 % interval and, for 0/1
+    examples (same ``examples_digest``): mean difference in points, its paired bootstrap 95 % interval and, for 0/1
     metrics, the discordant examples and the exact McNemar p. No correction for the many comparisons is applied."""
     if reference not in table:
         raise ValueError(f"--paired {reference!r}: no results of that method; methods present: {sorted(table)}")
@@ -143,7 +143,8 @@ def paired(table: dict[str, dict[str, dict]], reference: str) -> str:
         for method in sorted((m for m in table if m != reference and task in table[m]), key=_method_key):
             other = table[method][task]
             a, b = other.get("per_example"), base.get("per_example")
-            if a is None or b is None or other.get("test_digest") != base.get("test_digest") or len(a) != len(b):
+            same_examples = other.get("examples_digest") == base.get("examples_digest")
+            if a is None or b is None or not same_examples or len(a) != len(b):
                 skipped.setdefault(task, []).append(method)
                 continue
             differences = [x - y for x, y in zip(a, b)]

@@ -17,7 +17,7 @@ The task layer uses only the public API of :mod:`sadi_peft`; the core library ne
 from __future__ import annotations
 
 from . import benchmarks as _benchmarks  # noqa: F401 - registers the built-in tasks
-from .base import PAIR_MODES, Example, Task, build_pairs, get_task, register_task, task_names
+from .base import PAIR_MODES, Example, Task, build_pairs, examples_digest, get_task, register_task, task_names
 from .benchmarks import (
     ARC_CHALLENGE_SHIFTED_LINES,
     MMLU_SUBJECTS,
@@ -84,6 +84,7 @@ __all__ = [
     "choice_accuracy",
     "choice_logprobs",
     "evaluate",
+    "examples_digest",
     "first_token_ids",
     "generate_answers",
     "get_task",

@@ -15,6 +15,7 @@ index ``label``, and, where relevant, ``answers`` (TriviaQA aliases) and ``true_
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -103,6 +104,13 @@ class Example:
         if self.meta:
             record["meta"] = dict(self.meta)
         return record
+
+
+def examples_digest(examples: Iterable[Example]) -> str:
+    """A 16-hex-digit fingerprint of ``examples`` in order (their :meth:`Example.to_dict` forms): two results with
+    the same digest scored the same examples in the same order, so their per-example values can be paired."""
+    text = json.dumps([example.to_dict() for example in examples], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _example_rng(seed: int, example: Example) -> random.Random:

@@ -447,7 +447,8 @@ def evaluate(
         metric (mean MC2 for ``metric="mc2"``, exact match for ``exact_match``) as a fraction; ``correct`` one bool
         per example (for MC2: the top option is true); ``predictions`` the chosen index (``choice``) or the decoded
         string (``argmax``, ``generate``). ``choice`` adds ``scores`` (per-option scores) and, for MC2 tasks,
-        ``mc2`` and ``mc1`` (top-option accuracy).
+        ``mc2`` and ``mc1`` (top-option accuracy). ``per_example``: each example's value of the metric (MC2 mass or
+        1.0 / 0.0), whose mean is ``accuracy`` — for paired comparisons of two models on the same examples.
 
     Raises:
         ValueError: unknown protocol or one the task does not support; no examples; no pad token.
@@ -475,10 +476,11 @@ def evaluate(
             trues = [ex.true_labels or (ex.label,) for ex in examples]
             correct = [p in t for p, t in zip(predictions, trues)]
             mc2 = [_mc2(s, t) for s, t in zip(scores, trues)]
-            result.update(accuracy=sum(mc2) / len(mc2), mc2=sum(mc2) / len(mc2), mc1=sum(correct) / len(correct))
+            result.update(accuracy=sum(mc2) / len(mc2), mc2=sum(mc2) / len(mc2), mc1=sum(correct) / len(correct),
+                          per_example=mc2)
         else:
             correct = [p == ex.label for p, ex in zip(predictions, examples)]
-            result["accuracy"] = sum(correct) / len(correct)
+            result.update(accuracy=sum(correct) / len(correct), per_example=[float(c) for c in correct])
         result.update(correct=correct, predictions=predictions, scores=scores, length_normalize=length_normalize)
         return result
 
@@ -490,7 +492,8 @@ def evaluate(
             scored = forward.run(rows, batch_size, progress, desc="argmax scoring")
         predictions = [tokenizer.decode(s.argmax_ids.tolist(), skip_special_tokens=True) for s in scored]
         correct = [normalize_argmax(p) == normalize_argmax(ex.gold) for p, ex in zip(predictions, examples)]
-        result.update(accuracy=sum(correct) / len(correct), correct=correct, predictions=predictions)
+        result.update(accuracy=sum(correct) / len(correct), correct=correct, predictions=predictions,
+                      per_example=[float(c) for c in correct])
         return result
 
     predictions = generate_answers(
@@ -502,5 +505,5 @@ def evaluate(
         targets = {normalize_answer(a) for a in (ex.answers or (ex.gold,))}
         correct.append(normalize_answer(pred) in targets)
     result.update(accuracy=sum(correct) / len(correct), correct=correct, predictions=predictions,
-                  max_new_tokens=max_new_tokens)
+                  per_example=[float(c) for c in correct], max_new_tokens=max_new_tokens)
     return result
