@@ -43,7 +43,7 @@ def render(command: str, root: Path) -> str:
     if not table:
         raise ValueError(f"`{command}`: no results for split {args.split!r} under {args.paths}")
     return (markdown(table) + ("\n" + details(table) if args.details else "")
-            + ("\n" + paired(table, args.paired) if args.paired else ""))
+            + "".join("\n" + paired(table, m) for m in (args.paired.split(",") if args.paired else [])))
 
 
 def update(text: str, root: Path) -> str:

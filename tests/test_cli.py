@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -136,6 +137,12 @@ def test_report_paired_compares_methods_on_the_same_examples(tmp_path):
     assert report.mcnemar_p(10, 0) == pytest.approx(2 / 1024)
     with pytest.raises(ValueError, match="no results of that method"):
         report.paired(report.collect([tmp_path], "test"), "random-head")
+    out = tmp_path / "table.md"  # several references: one table each
+    args = argparse.Namespace(paths=[tmp_path], split="test", details=False, paired="none,sadi-head-last", out=out)
+    assert report.run(args) == 0
+    text = out.read_text()
+    assert "against `none`" in text and "against `sadi-head-last`" in text
+    assert "| sst2 | none | 40 | 75.00 | 50.00 | -25.00 |" in text
 
 
 @pytest.mark.slow

@@ -20,10 +20,11 @@ def register(subparsers) -> None:
     parser.add_argument("--split", default="test", help="only results of this split")
     parser.add_argument("--details", action="store_true",
                         help="add a second table: chosen hyperparameters, validation accuracy, sizes, seed, times")
-    parser.add_argument("--paired", metavar="METHOD", default=None,
-                        help="add a table comparing every method with METHOD (e.g. none) on the same test examples: "
-                        "difference, paired bootstrap 95%% interval, discordant pairs and exact McNemar p; needs the "
-                        "per-example values that scripts/reproduce.py stores")
+    parser.add_argument("--paired", metavar="METHOD[,METHOD]", default=None,
+                        help="add a table comparing every method with METHOD (e.g. none; several: comma-separated, "
+                        "one table each) on the same test examples: difference, paired bootstrap 95%% interval, "
+                        "discordant pairs and exact McNemar p; needs the per-example values that `eval` and "
+                        "scripts/reproduce.py store")
     parser.add_argument("--out", type=Path, default=None, help="write the table here (default: print it)")
     parser.set_defaults(func=run)
 
@@ -135,7 +136,8 @@ def paired(table: dict[str, dict[str, dict]], reference: str) -> str:
     metrics, the discordant examples and the exact McNemar p. No correction for the many comparisons is applied."""
     if reference not in table:
         raise ValueError(f"--paired {reference!r}: no results of that method; methods present: {sorted(table)}")
-    lines = [f"| task | method | n | {reference} | method | difference (points) | 95 % interval (paired bootstrap) | "
+    lines = [f"Each method against `{reference}` on the same test examples (no correction for multiple comparisons):",
+             "", f"| task | method | n | {reference} | method | difference (points) | 95 % interval (paired bootstrap) | "
              f"right only with method / only with {reference} | McNemar p |", "|---" * 9 + "|"]
     skipped: dict[str, list[str]] = {}
     for task in sorted(table[reference]):
@@ -172,8 +174,8 @@ def run(args: argparse.Namespace) -> int:
     text = markdown(table)
     if args.details:
         text += "\n" + details(table)
-    if args.paired:
-        text += "\n" + paired(table, args.paired)
+    for reference in (args.paired.split(",") if args.paired else []):
+        text += "\n" + paired(table, reference)
     if args.out:
         args.out.write_text(text, encoding="utf-8")
         print(f"wrote {args.out}")
