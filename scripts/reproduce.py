@@ -260,8 +260,9 @@ def run_one(args, task, method: str, only_point: dict | None = None) -> dict:
 
 
 def add_per_example(args, task, method: str, path: Path) -> bool:
-    """Give the stored result at ``path`` its ``per_example`` values by scoring its chosen point on the test split
-    again; False (the file untouched) when the rescored metric differs from the stored one."""
+    """Give the stored result at ``path`` its ``per_example`` values (and the answer counts where it predates them)
+    by scoring its chosen point on the test split again; False (the file untouched) when the rescored metric differs
+    from the stored one."""
     if not path.exists():
         logger.info("skip %s (no result)", path)
         return True
@@ -279,6 +280,9 @@ def add_per_example(args, task, method: str, path: Path) -> bool:
         logger.error("%s: rescored %.6f (n=%d) differs from the stored %.6f (n=%d); file left as it is", path,
                      record["accuracy"], record["n"], stored["accuracy"], stored["n"])
         return False
+    for key in ("predicted_counts", "label_counts", "empty_answers"):  # rows older than these fields get them too
+        if key in record and key not in stored:
+            stored[key] = record[key]
     stored.update(per_example=record["per_example"], examples_digest=record["examples_digest"],
                   per_example_added={"wall_seconds": time.perf_counter() - started,
                                      "test_scoring": record.get("test_scoring")})

@@ -47,7 +47,7 @@ def test_reproduce_smoke_and_resume(tmp_path, smollm2_path, data_dir):
         assert sum(r["per_example"]) / 6 == pytest.approx(r["accuracy"])
         assert r["examples_digest"] == record["examples_digest"]
     for method, r in stored.items():
-        old = {k: v for k, v in r.items() if k not in ("per_example", "examples_digest")}
+        old = {k: v for k, v in r.items() if k not in ("per_example", "examples_digest", "predicted_counts")}
         if method == "none":
             del old["test_scoring"]  # a row from before 2026-12-05: rescored with full passes
         if method == "caa":
@@ -60,6 +60,7 @@ def test_reproduce_smoke_and_resume(tmp_path, smollm2_path, data_dir):
     for method in ("none", "sadi-head-last", "random-head"):
         again = json.loads((folder / f"{method}.json").read_text())
         assert again["per_example"] == stored[method]["per_example"] and "per_example_added" in again
+        assert again["predicted_counts"] == stored[method]["predicted_counts"]
     paired = run("-m", "sadi_peft.cli", "report", "results", "--paired", "none", cwd=tmp_path)
     assert paired.returncode == 0 and "| copa | sadi-head-last | 6 |" in paired.stdout and "copa: caa" in paired.stdout
     # the chosen adapter is saved beside its result, and its Hub card is built from the result files
