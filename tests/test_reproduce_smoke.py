@@ -73,6 +73,9 @@ def test_reproduce_smoke_and_resume(tmp_path, smollm2_path, data_dir):
     assert "base_model: org/base" in card and "| copa |" in card and f"{baseline:.4g}" in card
     assert f"top_k={record['chosen']['top_k']}" in card
     assert "accuracy (restricted choice" in card
+    assert "On the same 6 test examples the adapter differs from the base model by" in card  # paired, per-example
+    index = (tmp_path / "cards" / "index.md").read_text()
+    assert "| [`copa-sadi-head-last.md`](copa-sadi-head-last.md) | `results/copa/sadi-head-last.adapter` |" in index
 
 
 def test_reproduce_triviaqa_selects_and_scores_by_generation(tmp_path, smollm2_path, data_dir):
