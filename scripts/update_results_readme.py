@@ -8,7 +8,9 @@ Each table sits between a marker that names the command producing it and an end 
     <!-- end generated -->
 
 This script reruns every named ``sadi-peft report`` (paths relative to the repository root) and replaces the text
-between the markers. ``--check`` changes nothing and exits 1 when a table is out of date (the test suite runs it).
+between the markers. A ``<!-- generated: coverage <folders> -->`` block lists, per result folder and task, which of
+the rows ``scripts/reproduce.py`` makes are present, missing or failed (an ``.error.json``), so the document's
+"what is not done" never goes stale. ``--check`` changes nothing and exits 1 when a table is out of date (the test suite runs it).
 
     python scripts/update_results_readme.py            # rewrite results/README.md
     python scripts/update_results_readme.py --check    # exit 1 if a table differs from the result files
@@ -17,6 +19,7 @@ between the markers. ``--check`` changes nothing and exits 1 when a table is out
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 import shlex
 import sys
@@ -28,11 +31,52 @@ REPO = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(<!-- generated: (?P<command>[^\n]*?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
 
 
+def _expected() -> tuple[list[str], list[str]]:
+    """The tasks and methods of the whole table: ``scripts/reproduce.py``'s own lists."""
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "scripts" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return list(module.TASKS), list(module.METHODS)
+
+
+def coverage(folders: list[str], root: Path, tasks: list[str] | None = None,
+             methods: list[str] | None = None) -> str:
+    """A markdown table of the rows each result folder holds, per task, against the full table (``tasks`` x
+    ``methods``, by default those of ``scripts/reproduce.py``); one summary line per folder."""
+    if tasks is None or methods is None:
+        tasks, methods = _expected()
+    lines = ["| results | task | rows | missing | failed (`.error.json`) |", "|---|---|---|---|---|"]
+    totals = []
+    for folder in folders:
+        if not (root / folder).is_dir():
+            raise ValueError(f"coverage block names {folder!r}, which is not a folder under {root}; expected a "
+                             "result folder of scripts/reproduce.py (e.g. results/smollm2)")
+        present_total = 0
+        for task in tasks:
+            present = [m for m in methods if (root / folder / task / f"{m}.json").is_file()]
+            failed = [m for m in methods if m not in present and (root / folder / task / f"{m}.error.json").is_file()]
+            missing = [m for m in methods if m not in present and m not in failed]
+            present_total += len(present)
+            if missing or failed:
+                lines.append(f"| {folder} | {task} | {len(present)} of {len(methods)} | {', '.join(missing) or '–'} "
+                             f"| {', '.join(failed) or '–'} |")
+            else:
+                lines.append(f"| {folder} | {task} | {len(present)} of {len(methods)} (complete) | – | – |")
+        totals.append(f"`{folder}`: {present_total} of {len(tasks) * len(methods)} cells")
+    return "\n".join(lines) + "\n\nIn all: " + "; ".join(totals) + ".\n"
+
+
 def render(command: str, root: Path) -> str:
-    """The output of one ``sadi-peft report <paths> [--details] [--paired M] [--split S]`` command, run in-process."""
+    """The output of one ``sadi-peft report <paths> [--details] [--paired M] [--split S]`` command, run in-process,
+    or of a ``coverage <folders>`` block."""
     words = shlex.split(command)
+    if words[:1] == ["coverage"]:
+        if len(words) < 2:
+            raise ValueError(f"generated block names {command!r}; expected `coverage <result folder> ...`")
+        return coverage(words[1:], root)
     if words[:2] != ["sadi-peft", "report"]:
-        raise ValueError(f"generated block names {command!r}; expected a `sadi-peft report ...` command")
+        raise ValueError(f"generated block names {command!r}; expected a `sadi-peft report ...` command or "
+                         "`coverage <result folder> ...`")
     parser = argparse.ArgumentParser(prog="sadi-peft report", add_help=False)
     parser.add_argument("paths", nargs="+")
     parser.add_argument("--split", default="test")

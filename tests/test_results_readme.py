@@ -46,8 +46,35 @@ def test_update_replaces_only_the_generated_block(tmp_path):
     ("no markers at all\n", "no `<!-- generated"),
     ("<!-- generated: rm -rf res -->\nx\n<!-- end generated -->\n", "expected a `sadi-peft report"),
     ("<!-- generated: sadi-peft report missing -->\nx\n<!-- end generated -->\n", "no results for split 'test'"),
+    ("<!-- generated: coverage -->\nx\n<!-- end generated -->\n", "expected `coverage <result folder>"),
+    ("<!-- generated: coverage nowhere -->\nx\n<!-- end generated -->\n", "'nowhere', which is not a folder"),
 ])
 def test_update_bad_input_is_named(tmp_path, text, message):
     (tmp_path / "missing").mkdir()
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         _script().update(text, tmp_path)
+
+
+def test_coverage_lists_present_missing_and_failed_rows(tmp_path):
+    script = _script()
+    _result(tmp_path / "res", "copa", "none", 0.5)
+    _result(tmp_path / "res", "copa", "caa", 0.5)
+    _result(tmp_path / "res", "sst2", "none", 0.5)
+    (tmp_path / "res" / "sst2" / "caa.error.json").write_text("{}")
+    text = script.coverage(["res"], tmp_path, tasks=["copa", "sst2", "boolq"], methods=["none", "caa", "iti"])
+    assert "| res | copa | 2 of 3 | iti | – |" in text
+    assert "| res | sst2 | 1 of 3 | iti | caa |" in text
+    assert "| res | boolq | 0 of 3 | none, caa, iti | – |" in text
+    assert "`res`: 3 of 9 cells" in text
+    _result(tmp_path / "res", "copa", "iti", 0.5)
+    assert "| res | copa | 3 of 3 (complete) | – | – |" in script.coverage(
+        ["res"], tmp_path, tasks=["copa"], methods=["none", "caa", "iti"])
+
+
+def test_coverage_defaults_to_the_reproduce_script_table(tmp_path):
+    script = _script()
+    tasks, methods = script._expected()
+    assert "copa" in tasks and "triviaqa" in tasks and len(methods) == 11 and methods[0] == "none"
+    (tmp_path / "res").mkdir()
+    text = script.update("<!-- generated: coverage res -->\n<!-- end generated -->\n", tmp_path)
+    assert f"`res`: 0 of {len(tasks) * 11} cells" in text
