@@ -126,15 +126,18 @@ def test_report_paired_compares_methods_on_the_same_examples(tmp_path):
     text = report.paired(report.collect([tmp_path], "test"), "none")
     expected_p = 2 * sum(math.comb(14, i) for i in range(3)) / 2**14  # exact binomial tail, 14 discordant
     assert f"| sst2 | sadi-head-last | 40 | 50.00 | 75.00 | +25.00 | " in text
-    assert f"| 12 / 2 | {expected_p:.3g} |" in text and 0.004 < expected_p < 0.02
+    # two methods compared on sst2: Holm doubles the smaller p, and caa's p = 1 stays 1
+    assert f"| 12 / 2 | {expected_p:.3g} | {2 * expected_p:.3g} |" in text and 0.004 < expected_p < 0.02
     row = next(line for line in text.splitlines() if line.startswith("| sst2 | sadi-head-last"))
     low, high = (float(x) for x in row.split("| [")[1].split("]")[0].split(", "))
     assert 0 < low < 25 < high  # the interval holds the observed difference and excludes 0 here
-    assert "| sst2 | caa | 40 | 50.00 | 50.00 | +0.00 | [+0.00, +0.00] | 0 / 0 | 1 |" in text
-    assert "| truthfulqa_mc2 | sadi-head-last | 4 | 50.00 | 62.50 | +12.50 |" in text and "| – | – |" in text
+    assert "| sst2 | caa | 40 | 50.00 | 50.00 | +0.00 | [+0.00, +0.00] | 0 / 0 | 1 | 1 |" in text
+    assert "| truthfulqa_mc2 | sadi-head-last | 4 | 50.00 | 62.50 | +12.50 |" in text and "| – | – | – |" in text
     assert "Not compared (2;" in text and "sst2: iti" in text and "copa: caa" in text
     assert report.mcnemar_p(5, 5) == 1.0 and report.mcnemar_p(0, 0) == 1.0
     assert report.mcnemar_p(10, 0) == pytest.approx(2 / 1024)
+    assert report.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])  # step-down, kept monotone
+    assert report.holm([0.5, 0.9]) == [1.0, 1.0] and report.holm([]) == []
     with pytest.raises(ValueError, match="no results of that method"):
         report.paired(report.collect([tmp_path], "test"), "random-head")
     out = tmp_path / "table.md"  # several references: one table each

@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     parser.add_argument("--paired", metavar="METHOD[,METHOD]", default=None,
                         help="add a table comparing every method with METHOD (e.g. none; several: comma-separated, "
                         "one table each) on the same test examples: difference, paired bootstrap 95%% interval, "
-                        "discordant pairs and exact McNemar p; needs the per-example values that `eval` and "
+                        "discordant pairs, exact McNemar p and its Holm adjustment within the task; needs the per-example values that `eval` and "
                         "scripts/reproduce.py store")
     parser.add_argument("--out", type=Path, default=None, help="write the table here (default: print it)")
     parser.set_defaults(func=run)
@@ -130,18 +130,34 @@ def bootstrap_interval(differences: list[float], resamples: int = 10_000, seed: 
     return low, high
 
 
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of ``p_values`` (one family): the smallest p is multiplied by m, the next by
+    m - 1, ..., each kept at least as large as the one before and at most 1. Controls the family-wise error rate
+    without assuming the tests independent."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted = [1.0] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def paired(table: dict[str, dict[str, dict]], reference: str) -> str:
     """Every method against ``reference`` on each task where both results hold ``per_example`` values of the same test
     examples (same ``examples_digest``): mean difference in points, its paired bootstrap 95 % interval and, for 0/1
-    metrics, the discordant examples and the exact McNemar p. No correction for the many comparisons is applied."""
+    metrics, the discordant examples, the exact McNemar p and that p Holm-adjusted over the methods compared with
+    ``reference`` on the same task (one family per task)."""
     if reference not in table:
         raise ValueError(f"--paired {reference!r}: no results of that method; methods present: {sorted(table)}")
-    lines = [f"Each method against `{reference}` on the same test examples (no correction for multiple comparisons):",
+    lines = [f"Each method against `{reference}` on the same test examples; Holm p: the McNemar p adjusted over the "
+             f"methods compared with `{reference}` on that task (no correction across tasks):",
              "", f"| task | method | n | {reference} | method | difference (points) | 95 % interval (paired bootstrap) | "
-             f"right only with method / only with {reference} | McNemar p |", "|---" * 9 + "|"]
+             f"right only with method / only with {reference} | McNemar p | Holm p |", "|---" * 10 + "|"]
     skipped: dict[str, list[str]] = {}
     for task in sorted(table[reference]):
         base = table[reference][task]
+        rows: list[tuple[list[str], float | None]] = []
         for method in sorted((m for m in table if m != reference and task in table[m]), key=_method_key):
             other = table[method][task]
             a, b = other.get("per_example"), base.get("per_example")
@@ -154,10 +170,15 @@ def paired(table: dict[str, dict[str, dict]], reference: str) -> str:
             binary = all(v in (0, 1) for v in (*a, *b))
             only_a = sum(1 for x, y in zip(a, b) if x > y)
             only_b = sum(1 for x, y in zip(a, b) if x < y)
+            p_value = mcnemar_p(only_a, only_b) if binary else None
             cells = [task, method, str(len(a)), f"{100 * sum(b) / len(b):.2f}", f"{100 * sum(a) / len(a):.2f}",
                      f"{100 * sum(differences) / len(differences):+.2f}", f"[{100 * low:+.2f}, {100 * high:+.2f}]",
-                     f"{only_a} / {only_b}" if binary else "–",
-                     f"{mcnemar_p(only_a, only_b):.3g}" if binary else "–"]
+                     f"{only_a} / {only_b}" if binary else "–", f"{p_value:.3g}" if binary else "–"]
+            rows.append((cells, p_value))
+        tested = [p_value for _, p_value in rows if p_value is not None]
+        adjusted = iter(holm(tested))
+        for cells, p_value in rows:
+            cells.append(f"{next(adjusted):.3g}" if p_value is not None else "–")
             lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     if skipped:
