@@ -23,8 +23,8 @@ def register(subparsers) -> None:
     parser.add_argument("--paired", metavar="METHOD[,METHOD]", default=None,
                         help="add a table comparing every method with METHOD (e.g. none; several: comma-separated, "
                         "one table each) on the same test examples: difference, paired bootstrap 95%% interval, "
-                        "discordant pairs, exact McNemar p and its Holm adjustment within the task; needs the per-example values that `eval` and "
-                        "scripts/reproduce.py store")
+                        "discordant pairs, exact McNemar p and its Holm adjustment within the task; needs the "
+                        "per-example values that `eval` and scripts/reproduce.py store")
     parser.add_argument("--out", type=Path, default=None, help="write the table here (default: print it)")
     parser.set_defaults(func=run)
 
