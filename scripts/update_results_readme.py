@@ -10,7 +10,9 @@ Each table sits between a marker that names the command producing it and an end 
 This script reruns every named ``sadi-peft report`` (paths relative to the repository root) and replaces the text
 between the markers. A ``<!-- generated: coverage <folders> -->`` block lists, per result folder and task, which of
 the rows ``scripts/reproduce.py`` makes are present, missing or failed (an ``.error.json``), so the document's
-"what is not done" never goes stale. ``--check`` changes nothing and exits 1 when a table is out of date (the test suite runs it).
+"what is not done" never goes stale. A ``<!-- generated: replicates <task> <folders> -->`` block compares, for one
+task, each method with ``none`` in every folder (runs of the same table with other ``--seed`` values), one line per
+folder and method, and the mean over the folders. ``--check`` changes nothing and exits 1 when a table is out of date (the test suite runs it).
 
     python scripts/update_results_readme.py            # rewrite results/README.md
     python scripts/update_results_readme.py --check    # exit 1 if a table differs from the result files
@@ -25,7 +27,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from sadi_peft.cli.report import collect, details, markdown, paired
+from sadi_peft.cli.report import (
+    _chosen, _method_key, bootstrap_interval, collect, details, markdown, mcnemar_p, paired,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(<!-- generated: (?P<command>[^\n]*?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
@@ -66,6 +70,43 @@ def coverage(folders: list[str], root: Path, tasks: list[str] | None = None,
     return "\n".join(lines) + "\n\nIn all: " + "; ".join(totals) + ".\n"
 
 
+def replicates(task: str, folders: list[str], root: Path) -> str:
+    """``task``'s methods against ``none`` in each result folder (seeded reruns of the same protocol): test accuracy,
+    the paired difference with its bootstrap 95 % interval and exact McNemar p; then each method's mean difference
+    and in how many folders it was above ``none``."""
+    lines = ["| results | seed | method | chosen on validation | validation acc. | test n | test acc. | difference to none "
+             "(points) | 95 % interval (paired bootstrap) | McNemar p |", "|---" * 10 + "|"]
+    differences: dict[str, list[float]] = {}
+    for folder in folders:
+        row = {m: r[task] for m, r in collect([root / folder], "test").items() if task in r}
+        if "none" not in row:
+            raise ValueError(f"replicates block: no `none` result for {task!r} under {folder!r}; every folder needs "
+                             "one to compare with")
+        base = row["none"]
+        for method in sorted(row, key=_method_key):
+            r = row[method]
+            cells = [folder, str(r.get("seed", "–")), method, _chosen(r),
+                     f"{100 * r['validation_accuracy']:.2f}" if r.get("validation_accuracy") is not None else "–",
+                     str(r["n"]), f"{100 * r['accuracy']:.2f}"]
+            a, b = r.get("per_example"), base.get("per_example")
+            if method == "none":
+                cells += ["–", "–", "–"]
+            elif a is None or b is None or r.get("examples_digest") != base.get("examples_digest"):
+                raise ValueError(f"replicates block: {folder}/{task}/{method} and its `none` lack per-example values "
+                                 "of the same test examples; add them with scripts/reproduce.py --add-per-example")
+            else:
+                diff = [x - y for x, y in zip(a, b)]
+                low, high = bootstrap_interval(diff)
+                mean = sum(diff) / len(diff)
+                differences.setdefault(method, []).append(mean)
+                p_value = mcnemar_p(sum(x > y for x, y in zip(a, b)), sum(x < y for x, y in zip(a, b)))
+                cells += [f"{100 * mean:+.2f}", f"[{100 * low:+.2f}, {100 * high:+.2f}]", f"{p_value:.3g}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    summary = [f"`{m}` {100 * sum(d) / len(d):+.2f} (above `none` in {sum(x > 0 for x in d)} of {len(d)})"
+               for m, d in sorted(differences.items(), key=lambda item: _method_key(item[0]))]
+    return "\n".join(lines) + "\n\nMean difference to `none` over the runs: " + "; ".join(summary) + ".\n"
+
+
 def render(command: str, root: Path) -> str:
     """The output of one ``sadi-peft report <paths> [--details] [--paired M] [--split S]`` command, run in-process,
     or of a ``coverage <folders>`` block."""
@@ -74,6 +115,10 @@ def render(command: str, root: Path) -> str:
         if len(words) < 2:
             raise ValueError(f"generated block names {command!r}; expected `coverage <result folder> ...`")
         return coverage(words[1:], root)
+    if words[:1] == ["replicates"]:
+        if len(words) < 3:
+            raise ValueError(f"generated block names {command!r}; expected `replicates <task> <result folder> ...`")
+        return replicates(words[1], words[2:], root)
     if words[:2] != ["sadi-peft", "report"]:
         raise ValueError(f"generated block names {command!r}; expected a `sadi-peft report ...` command or "
                          "`coverage <result folder> ...`")

@@ -78,3 +78,29 @@ def test_coverage_defaults_to_the_reproduce_script_table(tmp_path):
     (tmp_path / "res").mkdir()
     text = script.update("<!-- generated: coverage res -->\n<!-- end generated -->\n", tmp_path)
     assert f"`res`: 0 of {len(tasks) * 11} cells" in text
+
+
+def _paired_result(folder: Path, task: str, method: str, values: list[int], seed: int) -> None:
+    (folder / task).mkdir(parents=True, exist_ok=True)
+    record = {"task": task, "method": method, "split": "test", "accuracy": sum(values) / len(values),
+              "n": len(values), "seed": seed, "per_example": values, "examples_digest": f"d{seed}"}
+    (folder / task / f"{method}.json").write_text(json.dumps(record))
+
+
+def test_replicates_compare_each_run_with_its_own_none(tmp_path):
+    script = _script()
+    _paired_result(tmp_path / "s0", "sst2", "none", [0] * 10 + [1] * 10, 0)
+    _paired_result(tmp_path / "s0", "sst2", "sadi-head-last", [1] * 6 + [0] * 4 + [1] * 10, 0)  # +6 of 20
+    _paired_result(tmp_path / "s1", "sst2", "none", [1] * 20, 1)
+    _paired_result(tmp_path / "s1", "sst2", "sadi-head-last", [1] * 18 + [0] * 2, 1)  # -2 of 20
+    text = script.update("<!-- generated: replicates sst2 s0 s1 -->\n<!-- end generated -->\n", tmp_path)
+    assert "| s0 | 0 | sadi-head-last | – | – | 20 | 80.00 | +30.00 |" in text
+    assert "| s1 | 1 | sadi-head-last | – | – | 20 | 90.00 | -10.00 |" in text
+    assert "| s1 | 1 | none | – | – | 20 | 100.00 | – | – | – |" in text
+    assert "`sadi-head-last` +10.00 (above `none` in 1 of 2)" in text
+    (tmp_path / "s1" / "sst2" / "none.json").unlink()
+    with pytest.raises(ValueError, match="no `none` result for 'sst2' under 's1'"):
+        script.update("<!-- generated: replicates sst2 s0 s1 -->\n<!-- end generated -->\n", tmp_path)
+    _result(tmp_path / "s1", "sst2", "none", 1.0)  # no per-example values
+    with pytest.raises(ValueError, match="lack per-example values"):
+        script.update("<!-- generated: replicates sst2 s0 s1 -->\n<!-- end generated -->\n", tmp_path)
