@@ -12,7 +12,8 @@ between the markers. A ``<!-- generated: coverage <folders> -->`` block lists, p
 the rows ``scripts/reproduce.py`` makes are present, missing or failed (an ``.error.json``), so the document's
 "what is not done" never goes stale. A ``<!-- generated: replicates <task> <folders> -->`` block compares, for one
 task, each method with ``none`` in every folder (runs of the same table with other ``--seed`` values), one line per
-folder and method, and the mean over the folders. ``--check`` changes nothing and exits 1 when a table is out of date (the test suite runs it).
+folder and method, and the mean over the folders. ``--check`` changes nothing and exits 1 when a table is out of
+date (the test suite runs it).
 
     python scripts/update_results_readme.py            # rewrite results/README.md
     python scripts/update_results_readme.py --check    # exit 1 if a table differs from the result files
@@ -71,19 +72,24 @@ def coverage(folders: list[str], root: Path, tasks: list[str] | None = None,
 
 
 def replicates(task: str, folders: list[str], root: Path) -> str:
-    """``task``'s methods against ``none`` in each result folder (seeded reruns of the same protocol): test accuracy,
+    """``task``'s methods against ``none`` in each result folder (seeded reruns of the same protocol), for the methods
+    found in at least two of the folders: test accuracy,
     the paired difference with its bootstrap 95 % interval and exact McNemar p; then each method's mean difference
     and in how many folders it was above ``none``."""
-    lines = ["| results | seed | method | chosen on validation | validation acc. | test n | test acc. | difference to none "
-             "(points) | 95 % interval (paired bootstrap) | McNemar p |", "|---" * 10 + "|"]
+    lines = ["| results | seed | method | chosen on validation | validation acc. | test n | test acc. | "
+             "difference to none (points) | 95 % interval (paired bootstrap) | McNemar p |", "|---" * 10 + "|"]
     differences: dict[str, list[float]] = {}
-    for folder in folders:
-        row = {m: r[task] for m, r in collect([root / folder], "test").items() if task in r}
+    rows = {folder: {m: r[task] for m, r in collect([root / folder], "test").items() if task in r}
+            for folder in folders}
+    for folder, row in rows.items():
         if "none" not in row:
             raise ValueError(f"replicates block: no `none` result for {task!r} under {folder!r}; every folder needs "
                              "one to compare with")
+    # the methods rerun with other seeds: those in at least two folders (a full seed-0 table adds no other rows)
+    replicated = {m for row in rows.values() for m in row if sum(m in other for other in rows.values()) >= 2}
+    for folder, row in rows.items():
         base = row["none"]
-        for method in sorted(row, key=_method_key):
+        for method in sorted(replicated & set(row), key=_method_key):
             r = row[method]
             cells = [folder, str(r.get("seed", "–")), method, _chosen(r),
                      f"{100 * r['validation_accuracy']:.2f}" if r.get("validation_accuracy") is not None else "–",

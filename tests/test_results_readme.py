@@ -93,11 +93,12 @@ def test_replicates_compare_each_run_with_its_own_none(tmp_path):
     _paired_result(tmp_path / "s0", "sst2", "sadi-head-last", [1] * 6 + [0] * 4 + [1] * 10, 0)  # +6 of 20
     _paired_result(tmp_path / "s1", "sst2", "none", [1] * 20, 1)
     _paired_result(tmp_path / "s1", "sst2", "sadi-head-last", [1] * 18 + [0] * 2, 1)  # -2 of 20
+    _result(tmp_path / "s0", "sst2", "caa", 0.5)  # only in one folder (not rerun): not listed, needs no values
     text = script.update("<!-- generated: replicates sst2 s0 s1 -->\n<!-- end generated -->\n", tmp_path)
     assert "| s0 | 0 | sadi-head-last | – | – | 20 | 80.00 | +30.00 |" in text
     assert "| s1 | 1 | sadi-head-last | – | – | 20 | 90.00 | -10.00 |" in text
     assert "| s1 | 1 | none | – | – | 20 | 100.00 | – | – | – |" in text
-    assert "`sadi-head-last` +10.00 (above `none` in 1 of 2)" in text
+    assert "`sadi-head-last` +10.00 (above `none` in 1 of 2)" in text and "caa" not in text
     (tmp_path / "s1" / "sst2" / "none.json").unlink()
     with pytest.raises(ValueError, match="no `none` result for 'sst2' under 's1'"):
         script.update("<!-- generated: replicates sst2 s0 s1 -->\n<!-- end generated -->\n", tmp_path)
