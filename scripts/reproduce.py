@@ -291,6 +291,63 @@ def add_per_example(args, task, method: str, path: Path) -> bool:
     return True
 
 
+def stored_cost(path: Path) -> float | None:
+    """CPU seconds a stored result took, or None: CPU time, because wall times on shared cores depend on what else
+    ran beside the job."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    cost = record.get("cpu_seconds") or record.get("wall_seconds")
+    return float(cost) if cost else None
+
+
+def estimate_cost(out: Path, task: str, method: str) -> tuple[float | None, str]:
+    """Estimated CPU seconds of the missing cell (task, method) of ``out`` and what the estimate rests on.
+
+    First choice: the same cell in a sibling folder of the same model (``<out>-seed1`` for ``<out>``, and the
+    other way round). Otherwise the task's ``none`` row in ``out`` times the median ratio method / none over the
+    tasks of ``out`` that have both. Otherwise unknown."""
+    model = out.name.split("-seed")[0]
+    siblings = [d for d in sorted(out.parent.glob(f"{model}*")) if d != out and d.name.split("-seed")[0] == model]
+    for sibling in siblings:
+        cost = stored_cost(sibling / task / f"{method}.json")
+        if cost is not None:
+            return cost, f"same cell in {sibling}"
+    base = stored_cost(out / task / "none.json")
+    ratios = []
+    for folder in sorted(p for p in out.iterdir() if p.is_dir()) if out.is_dir() else []:
+        cost, none = stored_cost(folder / f"{method}.json"), stored_cost(folder / "none.json")
+        if cost is not None and none:
+            ratios.append(cost / none)
+    if base is not None and ratios:
+        ratio = sorted(ratios)[len(ratios) // 2]
+        return base * ratio, f"{task}/none x {ratio:.1f} (median {method}/none over {len(ratios)} tasks)"
+    return None, "no comparable row"
+
+
+def plan(args) -> int:
+    """Log the cells a run with these arguments would compute, with their estimated cost; compute nothing."""
+    total, unknown, rows = 0.0, 0, []
+    for task_name in args.tasks.split(","):
+        name = get_task(task_name).name
+        for method in args.methods.split(","):
+            if (args.out / name / f"{method}.json").exists():
+                continue
+            cost, basis = estimate_cost(args.out, name, method)
+            rows.append(f"| {name} | {method} | {'?' if cost is None else f'{cost / 60:.0f}'} | {basis} |")
+            if cost is None:
+                unknown += 1
+            else:
+                total += cost
+    print(f"{len(rows)} missing cells in {args.out}" + ("" if not rows else ":\n| task | method | CPU minutes | "
+          "estimated from |\n|---|---|---|---|\n" + "\n".join(rows)))
+    if rows:
+        print(f"In all about {total / 3600:.1f} CPU hours" + (f", plus {unknown} cells with no estimate" if unknown
+                                                              else "") + ".")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
@@ -325,8 +382,13 @@ def main() -> int:
                              "report --paired`) to present result files that lack them: the stored chosen point is "
                              "scored again on the test split (no search) and written only if it reproduces the "
                              "stored test metric")
+    parser.add_argument("--plan", action="store_true",
+                        help="list the missing cells this run would compute, with their cost estimated from the "
+                             "stored rows (CPU minutes), and exit without loading a model")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.plan:
+        return plan(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)

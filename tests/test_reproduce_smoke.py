@@ -97,3 +97,28 @@ def test_reproduce_triviaqa_selects_and_scores_by_generation(tmp_path, smollm2_p
     assert cards.returncode == 0, cards.stderr[-3000:]
     card = (tmp_path / "cards" / "triviaqa-sadi-head-last.md").read_text()
     assert "exact match (greedy answer" in card and "restricted choice" not in card
+
+
+def test_plan_lists_missing_cells_with_estimates_and_computes_nothing(tmp_path):
+    def row(folder, task, method, cpu):
+        (folder / task).mkdir(parents=True, exist_ok=True)
+        (folder / task / f"{method}.json").write_text(json.dumps({"accuracy": 0.5, "cpu_seconds": cpu}))
+
+    out = tmp_path / "results" / "m"
+    row(out, "copa", "none", 600)
+    row(out, "copa", "caa", 3000)  # caa costs 5 x none
+    row(out, "sst2", "none", 1200)
+    row(tmp_path / "results" / "m-seed1", "sst2", "iti", 420)  # the same cell in another seed's folder
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    # a model that does not exist: --plan must not load one
+    result = run(str(REPO / "scripts" / "reproduce.py"), "--plan", "--model", "no/such-model", "--tasks",
+                 "copa,sst2,boolq", "--methods", "none,caa,iti", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"6 missing cells in {out}:"
+    assert "| copa | iti | ? | no comparable row |" in lines
+    assert any(line.startswith("| sst2 | caa | 100 | sst2/none x 5.0") for line in lines)
+    assert any(line.startswith("| sst2 | iti | 7 | same cell in ") for line in lines)
+    assert "| boolq | none | ? | no comparable row |" in lines
+    assert lines[-1] == "In all about 1.8 CPU hours, plus 4 cells with no estimate."
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
