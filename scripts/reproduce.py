@@ -41,6 +41,7 @@ from sadi_peft.harness.generation import (  # noqa: E402
 from sadi_peft.harness.search import encode_choice_item, grid_search  # noqa: E402
 from sadi_peft.tasks import examples_digest, get_task, select_examples  # noqa: E402
 from sadi_peft.tasks.protocols import mc2  # noqa: E402
+from sadi_peft.zoo import MissingDependencyError  # noqa: E402
 
 logger = logging.getLogger("reproduce")
 
@@ -406,6 +407,8 @@ def main() -> int:
             logger.info("run %s / %s", task.name, method)
             try:
                 record = run_one(args, task, method)
+            except MissingDependencyError:  # the set-up, not this row: stop, and leave no .error.json behind
+                raise
             except Exception as error:  # record the failure, go on with the rest
                 failures += 1
                 logger.exception("%s / %s failed", task.name, method)

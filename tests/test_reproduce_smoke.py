@@ -122,3 +122,29 @@ def test_plan_lists_missing_cells_with_estimates_and_computes_nothing(tmp_path):
     assert "| boolq | none | ? | no comparable row |" in lines
     assert lines[-1] == "In all about 1.8 CPU hours, plus 4 cells with no estimate."
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_missing_model_package_stops_the_run_and_records_no_row_failure(tmp_path, monkeypatch):
+    """A model package that is not installed is the set-up's fault, not a row's: the run stops with the pip hint
+    instead of writing an .error.json for every (task, method) it was asked for."""
+    import importlib.util
+
+    from sadi_peft.zoo import MissingDependencyError
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    spec = importlib.util.spec_from_file_location("reproduce_under_test", REPO / "scripts" / "reproduce.py")
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    calls = []
+
+    def run_one(args, task, method):
+        calls.append((task.name, method))
+        raise MissingDependencyError("pip install some-model-package")
+
+    monkeypatch.setattr(reproduce, "run_one", run_one)
+    out = tmp_path / "results"
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--tasks", "copa,sst2", "--methods", "none,caa", "--out", str(out)])
+    with pytest.raises(MissingDependencyError, match="some-model-package"):
+        reproduce.main()
+    assert calls == [("copa", "none")]
+    assert list(out.rglob("*.error.json")) == []
