@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .architectures import ARCHITECTURES
 from .config import SADIConfig
-from .model import get_context, resolve_adapter, sadi_layers, transformer_model
+from .model import empty_mask_expected, resolve_adapter, sadi_layers, transformer_model
 
 logger = logging.getLogger(__name__)
 
@@ -238,58 +238,55 @@ def calibrate(
     if hasattr(pairs, "__len__"):
         total = math.ceil(len(pairs) / batch_size)  # type: ignore[arg-type]
     num_pairs = 0
-    ctx = get_context(inner)
-    already_warned = name in ctx.warned_empty
-    ctx.warned_empty.add(name)  # the mask is blanked on purpose below: no "empty mask" warning meanwhile
-    try:
-        for _, layer in layers:  # the adapter's own gain must not colour its statistics
-            layer.sadi_mask[name].zero_()
-        for layer_name, module, side in sites:
-            if side == "input":
-                handles.append(module.register_forward_pre_hook(recorder.input_hook(layer_name)))
-            else:
-                handles.append(module.register_forward_hook(recorder.output_hook(layer_name)))
-        inner.eval()
+    # the mask is blanked on purpose below: no "empty mask" warning meanwhile
+    with empty_mask_expected(inner, name):
         try:
-            num_pairs = _run_pairs(inner, tokenizer, pairs, batch_size, separator, strip, recorder, device, extra,
-                                   max_positions, total, show_progress)
-            local_error = None
-        except Exception as error:  # with a process group the others must hear of it, not wait for our sums
-            if group is None:
-                raise
-            local_error = error
-        for layer_name, units in unit_counts.items():  # a process may have seen no pair of its shard
-            recorder.sums.setdefault(layer_name, torch.zeros(units, dtype=torch.float64))
-        if group is not None:
-            num_pairs, failed = _all_reduce_sums(group, recorder.sums, num_pairs, device, local_error is not None)
-            if local_error is not None:
-                raise local_error
-            if failed:
-                raise RuntimeError(
-                    f"Distributed calibration failed on process(es) {failed} (see their error); the statistics were "
-                    "not combined and this process's adapter keeps its previous mask and scores. Fix the pairs of "
-                    "that process and calibrate again on every process."
-                )
-        if num_pairs == 0:
-            raise ValueError("pairs is empty: calibration needs at least one (prompt, positive, negative) triple.")
-        for layer_name, layer in layers:
-            mean = (recorder.sums[layer_name] / num_pairs).to(torch.float32)
-            layer.sadi_scores[name] = mean.to(layer.sadi_scores[name].device)
-        if top_k is not None:
-            config.top_k = top_k
-        selected = apply_top_k(model, config.top_k, adapter_name=name)
-    except BaseException:
-        for layer_name, layer in layers:
-            mask, scores = saved[layer_name]
-            layer.sadi_mask[name].copy_(mask)
-            layer.sadi_scores[name] = scores
-        raise
-    finally:
-        for handle in handles:
-            handle.remove()
-        inner.train(was_training)
-        if not already_warned:
-            ctx.warned_empty.discard(name)
+            for _, layer in layers:  # the adapter's own gain must not colour its statistics
+                layer.sadi_mask[name].zero_()
+            for layer_name, module, side in sites:
+                if side == "input":
+                    handles.append(module.register_forward_pre_hook(recorder.input_hook(layer_name)))
+                else:
+                    handles.append(module.register_forward_hook(recorder.output_hook(layer_name)))
+            inner.eval()
+            try:
+                num_pairs = _run_pairs(inner, tokenizer, pairs, batch_size, separator, strip, recorder, device, extra,
+                                       max_positions, total, show_progress)
+                local_error = None
+            except Exception as error:  # with a process group the others must hear of it, not wait for our sums
+                if group is None:
+                    raise
+                local_error = error
+            for layer_name, units in unit_counts.items():  # a process may have seen no pair of its shard
+                recorder.sums.setdefault(layer_name, torch.zeros(units, dtype=torch.float64))
+            if group is not None:
+                num_pairs, failed = _all_reduce_sums(group, recorder.sums, num_pairs, device, local_error is not None)
+                if local_error is not None:
+                    raise local_error
+                if failed:
+                    raise RuntimeError(
+                        f"Distributed calibration failed on process(es) {failed} (see their error); the statistics "
+                        "were not combined and this process's adapter keeps its previous mask and scores. Fix the "
+                        "pairs of that process and calibrate again on every process."
+                    )
+            if num_pairs == 0:
+                raise ValueError("pairs is empty: calibration needs at least one (prompt, positive, negative) triple.")
+            for layer_name, layer in layers:
+                mean = (recorder.sums[layer_name] / num_pairs).to(torch.float32)
+                layer.sadi_scores[name] = mean.to(layer.sadi_scores[name].device)
+            if top_k is not None:
+                config.top_k = top_k
+            selected = apply_top_k(model, config.top_k, adapter_name=name)
+        except BaseException:
+            for layer_name, layer in layers:
+                mask, scores = saved[layer_name]
+                layer.sadi_mask[name].copy_(mask)
+                layer.sadi_scores[name] = scores
+            raise
+        finally:
+            for handle in handles:
+                handle.remove()
+            inner.train(was_training)
 
     config.calibration = {
         "num_pairs": num_pairs,

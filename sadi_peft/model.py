@@ -111,6 +111,20 @@ def _warn_uncalibrated(ctx: ForwardContext, model: nn.Module) -> None:
                 break
 
 
+@contextmanager
+def empty_mask_expected(model: nn.Module, adapter_name: str) -> Iterator[None]:
+    """No "empty mask, never calibrated" warning for ``adapter_name`` inside the block: for code that runs an
+    uncalibrated adapter on purpose (calibration blanks the mask; the random-mask ablation needs no scores)."""
+    ctx = get_context(transformer_model(model))
+    already_warned = adapter_name in ctx.warned_empty
+    ctx.warned_empty.add(adapter_name)
+    try:
+        yield
+    finally:
+        if not already_warned:
+            ctx.warned_empty.discard(adapter_name)
+
+
 def get_context(model: nn.Module) -> ForwardContext:
     """The model's SADI forward context, created (with its two forward hooks) on first use."""
     ctx = model.__dict__.get("_sadi_context")

@@ -128,6 +128,22 @@ def test_random_mask_is_seeded_and_has_exactly_k_units():
         B.random_mask(model, 9, seed=0)
 
 
+def test_random_mask_on_an_uncalibrated_adapter_does_not_warn_but_the_adapter_still_does_afterwards():
+    """The random-mask ablation needs no calibration, so the "never calibrated" warning would mislead there; the
+    warning must still fire for a plain forward of the uncalibrated adapter after the search."""
+    import warnings
+
+    model = get_peft_model(tiny_llama(), sadi_peft.SADIConfig(top_k=1, positions="last"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*empty mask")
+        selection = B.RandomMask(k=1, seed=0).select_on_validation(model, TOK, ITEMS, [(1, 2.0), (2, 4.0)])
+        with B.RandomMask(k=2, seed=0, delta=4.0).apply(model):
+            _logits(model)
+    assert selection.best["k"] in (1, 2)
+    with pytest.warns(UserWarning, match="empty mask"):
+        _logits(model)
+
+
 # ------------------------------------------------------------------------------------------- fixed steering
 def test_fixed_steering_direction_matches_a_hand_computation(fitted):
     fs = fitted["fixed"]

@@ -74,7 +74,15 @@ from sadi_peft.config import SADIConfig
 from sadi_peft.harness.generation import GenerationItem, exact_match, generate_under
 from sadi_peft.harness.search import ChoiceItem, accuracy_of, encode_choice_item, score_naive, score_under
 from sadi_peft.layer import SADILayer, prompt_end_positions
-from sadi_peft.model import _past_length, _tensor_arg as _arg, pinned_prompt_end, resolve_adapter, sadi_layers, transformer_model
+from sadi_peft.model import (
+    _past_length,
+    _tensor_arg as _arg,
+    empty_mask_expected,
+    pinned_prompt_end,
+    resolve_adapter,
+    sadi_layers,
+    transformer_model,
+)
 from sadi_peft.tasks import Example, require_selection_split
 
 __all__ = [
@@ -679,7 +687,8 @@ class RandomMask:
             random_mask(model, self.k, self.seed, adapter_name=name)
             if self.delta is not None:
                 sadi_peft.set_delta(model, self.delta, adapter_name=name)
-            yield self
+            with empty_mask_expected(model, name):  # the ablation needs no calibration: nothing to warn about
+                yield self
         finally:
             for (_, layer), mask in zip(layers, saved_masks):
                 layer.sadi_mask[name].copy_(mask)
@@ -709,11 +718,12 @@ class RandomMask:
             return [partial(dataclasses.replace(self, k=point["k"], delta=point["delta"], seed=seed).apply, model)
                     for seed in seeds]
 
-        _, config = resolve_adapter(model, self.adapter_name)
-        return _select("random_mask", split, model, tokenizer, items, points, contexts,
-                       lambda best: dataclasses.replace(self, k=best["k"], delta=best["delta"]),
-                       regime=config.positions, cached=cached, batch_size=batch_size, strip_prompt=strip_prompt,
-                       show_progress=show_progress, stack=True)
+        name, config = resolve_adapter(model, self.adapter_name)
+        with empty_mask_expected(model, name):  # the prompt-prefix forwards run outside the masks' blocks
+            return _select("random_mask", split, model, tokenizer, items, points, contexts,
+                           lambda best: dataclasses.replace(self, k=best["k"], delta=best["delta"]),
+                           regime=config.positions, cached=cached, batch_size=batch_size, strip_prompt=strip_prompt,
+                           show_progress=show_progress, stack=True)
 
 
 # ================================================================================================ fixed steering
