@@ -293,8 +293,8 @@ def add_per_example(args, task, method: str, path: Path) -> bool:
 
 
 def stored_cost(path: Path) -> float | None:
-    """CPU seconds a stored result took, or None: CPU time, because wall times on shared cores depend on what else
-    ran beside the job."""
+    """CPU seconds a stored result took (wall seconds for a row that has no CPU time), or None. CPU time first,
+    because wall times on shared cores depend on what else ran beside the job."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -317,7 +317,7 @@ def estimate_cost(out: Path, task: str, method: str) -> tuple[float | None, str]
             return cost, f"same cell in {sibling}"
     base = stored_cost(out / task / "none.json")
     ratios = []
-    for folder in sorted(p for p in out.iterdir() if p.is_dir()) if out.is_dir() else []:
+    for folder in sorted(out.glob("*/")):
         cost, none = stored_cost(folder / f"{method}.json"), stored_cost(folder / "none.json")
         if cost is not None and none:
             ratios.append(cost / none)
@@ -328,7 +328,7 @@ def estimate_cost(out: Path, task: str, method: str) -> tuple[float | None, str]
 
 
 def plan(args) -> int:
-    """Log the cells a run with these arguments would compute, with their estimated cost; compute nothing."""
+    """Print the cells a run with these arguments would compute, with their estimated cost; compute nothing."""
     total, unknown, rows = 0.0, 0, []
     for task_name in args.tasks.split(","):
         name = get_task(task_name).name
