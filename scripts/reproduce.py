@@ -90,7 +90,8 @@ def evaluate_test(args, task, model, tokenizer, test, prefix_cached: bool = Fals
     """The task's metric on the test examples, the model as it runs now (the one scoring of the test split):
     ``accuracy``, ``n``, ``per_example`` (each example's value of the metric, in test order, for paired comparisons
     between methods: ``sadi-peft report --paired``) and, for choice tasks, how often each option index was predicted
-    and was gold (so that a method that only moves the model to always giving one answer shows as such).
+    and was gold (so that a method that only moves the model to always giving one answer shows as such), and each
+    example's predicted option index (``predicted``, for analyses such as ``scripts/option_length.py``).
 
     ``prefix_cached``: each prompt's prefix runs once for all its options (same scores up to float rounding; only
     for interventions that leave the tokens before the last prompt token alone). Recorded as ``test_scoring``."""
@@ -111,7 +112,7 @@ def evaluate_test(args, task, model, tokenizer, test, prefix_cached: bool = Fals
     gold = torch.bincount(torch.tensor([e.label for e in test]), minlength=width).tolist()
     values = per_example_metric(task, test, result["scores"])
     return {"accuracy": sum(values) / len(values), "n": result["n"],
-            "predicted_counts": predicted, "label_counts": gold,
+            "predicted_counts": predicted, "label_counts": gold, "predicted": result["scores"].argmax(-1).tolist(),
             "test_scoring": "prefix-cached" if prefix_cached else "full",
             "per_example": values if task.metric == "mc2" else [int(v) for v in values], **paired}
 
@@ -261,14 +262,15 @@ def run_one(args, task, method: str, only_point: dict | None = None) -> dict:
 
 
 def add_per_example(args, task, method: str, path: Path) -> bool:
-    """Give the stored result at ``path`` its ``per_example`` values (and the answer counts where it predates them)
-    by scoring its chosen point on the test split again; False (the file untouched) when the rescored metric differs
-    from the stored one."""
+    """Give the stored result at ``path`` its ``per_example`` values, and for a choice task each example's predicted
+    option (``predicted``) and the answer counts where it predates them, by scoring its chosen point on the test
+    split again; False (the file untouched) when the rescoring does not reproduce the stored metric or the stored
+    per-example values."""
     if not path.exists():
         logger.info("skip %s (no result)", path)
         return True
     stored = json.loads(path.read_text(encoding="utf-8"))
-    if "per_example" in stored:
+    if "per_example" in stored and ("predicted" in stored or generative(task)):
         logger.info("skip %s (has per-example values)", path)
         return True
     logger.info("rescore %s / %s at %s", task.name, method, stored.get("chosen"))
@@ -281,7 +283,12 @@ def add_per_example(args, task, method: str, path: Path) -> bool:
         logger.error("%s: rescored %.6f (n=%d) differs from the stored %.6f (n=%d); file left as it is", path,
                      record["accuracy"], record["n"], stored["accuracy"], stored["n"])
         return False
-    for key in ("predicted_counts", "label_counts", "empty_answers"):  # rows older than these fields get them too
+    if "per_example" in stored and (record["examples_digest"] != stored.get("examples_digest") or any(
+            abs(a - b) > 1e-6 for a, b in zip(record["per_example"], stored["per_example"]))):
+        logger.error("%s: rescored per-example values differ from the stored ones; file left as it is", path)
+        return False
+    # rows older than these fields get them too
+    for key in ("predicted_counts", "label_counts", "predicted", "empty_answers"):
         if key in record and key not in stored:
             stored[key] = record[key]
     stored.update(per_example=record["per_example"], examples_digest=record["examples_digest"],
@@ -380,9 +387,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--add-per-example", action="store_true",
                         help="instead of running missing results, add the per-example test values (for `sadi-peft "
-                             "report --paired`) to present result files that lack them: the stored chosen point is "
-                             "scored again on the test split (no search) and written only if it reproduces the "
-                             "stored test metric")
+                             "report --paired`) and, for choice tasks, each example's predicted option (for "
+                             "scripts/option_length.py) to present result files that lack them: the stored chosen "
+                             "point is scored again on the test split (no search) and written only if it reproduces "
+                             "the stored test metric and any stored per-example values")
     parser.add_argument("--plan", action="store_true",
                         help="list the missing cells this run would compute, with their cost estimated from the "
                              "stored rows (CPU minutes), and exit without loading a model")

@@ -34,6 +34,9 @@ def test_reproduce_smoke_and_resume(tmp_path, smollm2_path, data_dir):
     assert record["split"] == "test" and record["n"] == 6 and "top_k" in record["chosen"]
     assert sum(record["predicted_counts"]) == 6 and sum(record["label_counts"]) == 6
     assert record["test_scoring"] == "prefix-cached"
+    # each example's predicted option index, whose counts are predicted_counts
+    assert len(record["predicted"]) == 6
+    assert [record["predicted"].count(i) for i in range(2)] == record["predicted_counts"]
     second = run(*args, cwd=tmp_path)
     assert second.returncode == 0 and second.stderr.count("skip ") == 4
     report = run("-m", "sadi_peft.cli", "report", "results", cwd=tmp_path)
@@ -47,11 +50,14 @@ def test_reproduce_smoke_and_resume(tmp_path, smollm2_path, data_dir):
         assert sum(r["per_example"]) / 6 == pytest.approx(r["accuracy"])
         assert r["examples_digest"] == record["examples_digest"]
     for method, r in stored.items():
-        old = {k: v for k, v in r.items() if k not in ("per_example", "examples_digest", "predicted_counts")}
+        old = {k: v for k, v in r.items()
+               if k not in ("per_example", "examples_digest", "predicted_counts", "predicted")}
         if method == "none":
             del old["test_scoring"]  # a row from before 2026-12-05: rescored with full passes
         if method == "caa":
             old["accuracy"] += 1 / 6  # a stored metric the rescoring cannot reproduce
+        if method == "random-head":  # per-example values but no predictions: rescored, checked, predictions added
+            old = {k: v for k, v in r.items() if k != "predicted"}
         (folder / f"{method}.json").write_text(json.dumps(old))
     tampered = (folder / "caa.json").read_text()
     rescored = run(*args, "--add-per-example", cwd=tmp_path)
@@ -61,6 +67,22 @@ def test_reproduce_smoke_and_resume(tmp_path, smollm2_path, data_dir):
         again = json.loads((folder / f"{method}.json").read_text())
         assert again["per_example"] == stored[method]["per_example"] and "per_example_added" in again
         assert again["predicted_counts"] == stored[method]["predicted_counts"]
+        assert again["predicted"] == stored[method]["predicted"]
+    # stored per-example values the rescoring does not reproduce: refused, the file left as it is
+    forged = {k: v for k, v in stored["random-head"].items() if k != "predicted"} | {"per_example": [2] * 6}
+    (folder / "random-head.json").write_text(json.dumps(forged))
+    refused = run(*args, "--add-per-example", "--methods", "random-head", cwd=tmp_path)
+    assert refused.returncode == 1 and "rescored per-example values differ" in refused.stderr
+    assert json.loads((folder / "random-head.json").read_text()) == forged
+    (folder / "random-head.json").write_text(json.dumps(stored["random-head"]))
+    # the option-length split reads the stored rows, rebuilds the same test examples and loads no model
+    split = run(str(REPO / "scripts" / "option_length.py"), "results", "--task", "copa", "--tokenizer",
+                str(smollm2_path), "--data-dir", str(data_dir), "--out", "split.md", cwd=tmp_path)
+    assert split.returncode == 0, split.stderr[-3000:]
+    table = (tmp_path / "split.md").read_text()
+    none_row = next(line for line in table.splitlines() if line.startswith("| none |"))
+    assert none_row.split(" | ")[1] == f"{100 * stored['none']['accuracy']:.1f}"
+    assert "| pick the longest option |" in table and "| sadi-head-last |" in table
     paired = run("-m", "sadi_peft.cli", "report", "results", "--paired", "none", cwd=tmp_path)
     assert paired.returncode == 0 and "| copa | sadi-head-last | 6 |" in paired.stdout and "copa: caa" in paired.stdout
     # the chosen adapter is saved beside its result, and its Hub card is built from the result files
