@@ -5,8 +5,8 @@ Choice scoring is length-normalised (mean log-probability over each option's tok
 move the model's preference between long and short options without making it read the question any better. This
 script splits the stored test rows of one task by where the gold option's token length ranks among its options
 (the longest, the shortest, or neither) and reports each method's accuracy on each group, next to the accuracy of
-the two blind rules "pick the longest option" and "pick the shortest option". A gain that sits only in the
-"gold is the longest" group, with a loss elsewhere, is a length preference, not steering.
+the blind rules "pick the longest option", "pick the shortest option" and "pick at random". A gain that sits only
+in the "gold is the longest" group, with a loss elsewhere, is a length preference, not steering.
 
 Only tasks whose options are the answers themselves can show this (TruthfulQA MC1); where the options are letters
 (ARC, MMLU, COPA and Winogrande in our templates) every option has the same length, which the table says.
@@ -82,7 +82,12 @@ def analyse(lengths: Sequence[Sequence[int]], labels: Sequence[int], rows: dict[
     for pick in ("longest", "shortest"):
         values = [blind_rule_accuracy(n, y, pick) for n, y in zip(lengths, labels)]
         table[f"pick the {pick} option"] = values
+    table["pick at random"] = [1 / len(n) for n in lengths]
     table.update(rows)
+    picks_longest = {name: sum(n[p] == max(n) for n, p in zip(lengths, picked)) / len(labels)
+                     for name, picked in predictions.items()}
+    # what a pick blind to length gives: the share of each example's options that are a longest one
+    picks_longest["pick at random"] = sum(sum(x == max(n) for x in n) / len(n) for n in lengths) / len(labels)
     return {
         "n": len(labels),
         "group_sizes": {g: len(idx) for g, idx in members.items()},
@@ -90,8 +95,7 @@ def analyse(lengths: Sequence[Sequence[int]], labels: Sequence[int], rows: dict[
         "accuracy": {name: {"all": accuracy(values, everyone),
                             **{g: accuracy(values, idx) for g, idx in members.items()}}
                      for name, values in table.items()},
-        "picks_longest": {name: sum(n[p] == max(n) for n, p in zip(lengths, picked)) / len(labels)
-                          for name, picked in predictions.items()},
+        "picks_longest": picks_longest,
     }
 
 
@@ -108,7 +112,7 @@ def render(result: dict, task: str, folder: str, reference: str = "none") -> str
         if value is None:
             return "–"
         text = f"{100 * value:.1f}"
-        if base is not None and name != reference and not name.startswith("pick the ") and base[key] is not None:
+        if base is not None and name != reference and not name.startswith("pick ") and base[key] is not None:
             text += f" ({100 * (value - base[key]):+.1f})"
         return text
 

@@ -46,7 +46,8 @@ def test_analyse_splits_each_row_by_the_gold_options_length(option_length):
     assert result["accuracy"]["pick the longest option"] == {"all": 0.625, "longest": 1.0, "shortest": 0.0,
                                                              "other": 0.5}
     # picks 0, 1, 0, 0: the longest option in examples 0, 1, 2 (a tie) and 3
-    assert result["picks_longest"] == {"steered": 1.0}
+    assert result["picks_longest"] == {"steered": 1.0, "pick at random": pytest.approx((0.5 + 0.5 + 1 + 0.5) / 4)}
+    assert result["accuracy"]["pick at random"]["all"] == 0.5
     text = option_length.render(result, "copa", "results/x")
     assert "| steered | 75.0 (+25.0) | 100.0 (+100.0) | 0.0 (-100.0) | 100.0 (+0.0) | 100.0 |" in text
     assert "| none | 50.0 | 0.0 | 100.0 | 100.0 | – |" in text
