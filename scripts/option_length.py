@@ -63,8 +63,8 @@ def analyse(lengths: Sequence[Sequence[int]], labels: Sequence[int], rows: dict[
     """Per-group sizes, the blind rules' accuracies and each row's accuracy on every group.
 
     ``lengths[i]``: token lengths of example ``i``'s options; ``rows[method][i]``: its 1/0 correctness;
-    ``predictions[method][i]`` (where a row stores them): the option it picked, from which ``picks_longest`` gives
-    the share of examples where the row picked a longest option (ties included)."""
+    ``predictions[method][i]`` (where a row stores them): the option it picked, from which ``picks`` gives the
+    share of examples where the row picked a longest and a shortest option (ties included)."""
     if len(lengths) != len(labels):
         raise ValueError(f"{len(lengths)} option-length lists but {len(labels)} labels")
     predictions = predictions or {}
@@ -84,10 +84,13 @@ def analyse(lengths: Sequence[Sequence[int]], labels: Sequence[int], rows: dict[
         table[f"pick the {pick} option"] = values
     table["pick at random"] = [1 / len(n) for n in lengths]
     table.update(rows)
-    picks_longest = {name: sum(n[p] == max(n) for n, p in zip(lengths, picked)) / len(labels)
-                     for name, picked in predictions.items()}
-    # what a pick blind to length gives: the share of each example's options that are a longest one
-    picks_longest["pick at random"] = sum(sum(x == max(n) for x in n) / len(n) for n in lengths) / len(labels)
+    extreme = {"longest": max, "shortest": min}
+    picks = {name: {kind: sum(n[p] == f(n) for n, p in zip(lengths, picked)) / len(labels)
+                    for kind, f in extreme.items()}
+             for name, picked in predictions.items()}
+    # what a pick blind to length gives: the share of each example's options that are a longest (shortest) one
+    picks["pick at random"] = {kind: sum(sum(x == f(n) for x in n) / len(n) for n in lengths) / len(labels)
+                               for kind, f in extreme.items()}
     return {
         "n": len(labels),
         "group_sizes": {g: len(idx) for g, idx in members.items()},
@@ -95,14 +98,15 @@ def analyse(lengths: Sequence[Sequence[int]], labels: Sequence[int], rows: dict[
         "accuracy": {name: {"all": accuracy(values, everyone),
                             **{g: accuracy(values, idx) for g, idx in members.items()}}
                      for name, values in table.items()},
-        "picks_longest": picks_longest,
+        "picks": picks,
     }
 
 
 def render(result: dict, task: str, folder: str, reference: str = "none") -> str:
     """A markdown table: accuracy on every group (in %), and each row's change from ``reference`` per group."""
     sizes = result["group_sizes"]
-    head = ["row", f"all (n={result['n']})", *[f"gold {g} (n={sizes[g]})" for g in GROUPS], "picks a longest option"]
+    head = ["row", f"all (n={result['n']})", *[f"gold {g} (n={sizes[g]})" for g in GROUPS], "picks a longest option",
+            "picks a shortest option"]
     lines = [f"Option-length split of `{folder}` / `{task}` (test rows with per-example values).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = result["accuracy"].get(reference)
@@ -117,15 +121,15 @@ def render(result: dict, task: str, folder: str, reference: str = "none") -> str
         return text
 
     for name in result["accuracy"]:
-        picks = result["picks_longest"].get(name)
-        lines.append("| " + " | ".join([name, *[cell(name, k) for k in ("all", *GROUPS)],
-                                        "–" if picks is None else f"{100 * picks:.1f}"]) + " |")
+        picks = result["picks"].get(name)
+        shares = ["–", "–"] if picks is None else [f"{100 * picks[k]:.1f}" for k in ("longest", "shortest")]
+        lines.append("| " + " | ".join([name, *[cell(name, k) for k in ("all", *GROUPS)], *shares]) + " |")
     if result["equal_lengths"]:
         lines += ["", f"In {result['equal_lengths']} of the {result['n']} examples every option has the same token "
-                  "length (letter answers, for instance): no length preference can change those."]
-    lines += ["", f"In parentheses: the change from `{reference}` on the same examples. \"Picks a longest option\": "
-              "the share of examples where the row chose an option of the greatest token length (rows written "
-              "before results stored each prediction show –)."]
+                  "length: no length preference can change those (where the options are letters, that is every example)."]
+    lines += ["", f"In parentheses: the change from `{reference}` on the same examples. \"Picks a longest (shortest) "
+              "option\": the share of examples where the row chose an option of the greatest (least) token length, "
+              "ties included; rows stored without their predictions show –."]
     return "\n".join(lines) + "\n"
 
 

@@ -45,12 +45,13 @@ def test_analyse_splits_each_row_by_the_gold_options_length(option_length):
     assert result["accuracy"]["steered"] == {"all": 0.75, "longest": 1.0, "shortest": 0.0, "other": 1.0}
     assert result["accuracy"]["pick the longest option"] == {"all": 0.625, "longest": 1.0, "shortest": 0.0,
                                                              "other": 0.5}
-    # picks 0, 1, 0, 0: the longest option in examples 0, 1, 2 (a tie) and 3
-    assert result["picks_longest"] == {"steered": 1.0, "pick at random": pytest.approx((0.5 + 0.5 + 1 + 0.5) / 4)}
+    # picks 0, 1, 0, 0: a longest option in all four (example 2 is a tie), a shortest one in example 2 only
+    assert result["picks"] == {"steered": {"longest": 1.0, "shortest": 0.25},
+                               "pick at random": {"longest": pytest.approx(0.625), "shortest": pytest.approx(0.625)}}
     assert result["accuracy"]["pick at random"]["all"] == 0.5
     text = option_length.render(result, "copa", "results/x")
-    assert "| steered | 75.0 (+25.0) | 100.0 (+100.0) | 0.0 (-100.0) | 100.0 (+0.0) | 100.0 |" in text
-    assert "| none | 50.0 | 0.0 | 100.0 | 100.0 | – |" in text
+    assert "| steered | 75.0 (+25.0) | 100.0 (+100.0) | 0.0 (-100.0) | 100.0 (+0.0) | 100.0 | 25.0 |" in text
+    assert "| none | 50.0 | 0.0 | 100.0 | 100.0 | – | – |" in text
     assert "In 1 of the 4 examples every option has the same token length" in text
 
 
