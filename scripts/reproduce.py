@@ -287,13 +287,18 @@ def add_per_example(args, task, method: str, path: Path) -> bool:
             abs(a - b) > 1e-6 for a, b in zip(record["per_example"], stored["per_example"]))):
         logger.error("%s: rescored per-example values differ from the stored ones; file left as it is", path)
         return False
+    added = sorted(k for k in ("per_example", "predicted") if k in record and k not in stored)
     # rows older than these fields get them too
     for key in ("predicted_counts", "label_counts", "predicted", "empty_answers"):
         if key in record and key not in stored:
             stored[key] = record[key]
+    # one entry per rescoring, so a later one (e.g. adding predictions) keeps the record of the earlier one
+    earlier = stored.get("per_example_added") or []
+    history = [earlier] if isinstance(earlier, dict) else list(earlier)
+    history.append({"wall_seconds": time.perf_counter() - started, "test_scoring": record.get("test_scoring"),
+                    "added": added})
     stored.update(per_example=record["per_example"], examples_digest=record["examples_digest"],
-                  per_example_added={"wall_seconds": time.perf_counter() - started,
-                                     "test_scoring": record.get("test_scoring")})
+                  per_example_added=history)
     write_json(path, stored)
     logger.info("%s: per-example values added (metric %.4f reproduced)", path, record["accuracy"])
     return True

@@ -74,6 +74,13 @@ def test_reproduce_smoke_and_resume(tmp_path, smollm2_path, data_dir):
     refused = run(*args, "--add-per-example", "--methods", "random-head", cwd=tmp_path)
     assert refused.returncode == 1 and "rescored per-example values differ" in refused.stderr
     assert json.loads((folder / "random-head.json").read_text()) == forged
+    # a second rescoring (a row given per-example values earlier, predictions now) keeps the first one's record
+    first = {"wall_seconds": 1.0, "test_scoring": "prefix-cached"}
+    (folder / "random-head.json").write_text(json.dumps(
+        {k: v for k, v in stored["random-head"].items() if k != "predicted"} | {"per_example_added": first}))
+    assert run(*args, "--add-per-example", "--methods", "random-head", cwd=tmp_path).returncode == 0
+    history = json.loads((folder / "random-head.json").read_text())["per_example_added"]
+    assert history[0] == first and history[1]["added"] == ["predicted"] and len(history) == 2
     (folder / "random-head.json").write_text(json.dumps(stored["random-head"]))
     # the option-length split reads the stored rows, rebuilds the same test examples and loads no model
     split = run(str(REPO / "scripts" / "option_length.py"), "results", "--task", "copa", "--tokenizer",
