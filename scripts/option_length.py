@@ -11,11 +11,17 @@ in the "gold is the longest" group, with a loss elsewhere, is a length preferenc
 Only tasks whose options are the answers themselves can show this (TruthfulQA MC1); where the options are letters
 (ARC, MMLU, COPA and Winogrande in our templates) every option has the same length, which the table says.
 
+``--by style`` splits the same rows by the gold option's answer style instead: TruthfulQA's refusal "I have no
+comment.", an answer that opens by denying the premise ("No, ...", "Nothing happens ...", "There is no ..."), or
+other, next to the blind rule "pick no comment, else a denial, else any option". A model that learns to prefer
+those styles gains on TruthfulQA without reading the question any better.
+
 It reads the per-example values that ``scripts/reproduce.py`` stores, rebuilds the same test subsample (the rows'
 seed and size) and checks its fingerprint against the rows', so no model runs; only the tokenizer is loaded.
 
     python scripts/option_length.py results/gemma3-270m --task truthfulqa_mc1
     python scripts/option_length.py results/smollm2 --task arc_easy --out results/smollm2/arc_easy/option_length.md
+    python scripts/option_length.py results/gemma3-270m --task truthfulqa_mc1 --by style
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -37,6 +44,11 @@ from sadi_peft.zoo import MissingDependencyError  # noqa: E402
 logger = logging.getLogger("option_length")
 
 GROUPS = ("longest", "shortest", "other")
+STYLE_GROUPS = ("no comment", "denial", "other")
+# TruthfulQA's answer styles that a model can prefer without reading the question: the refusal "I have no
+# comment." and answers that open by denying the premise ("No, ...", "Nothing happens ...", "There is no ...")
+NO_COMMENT = re.compile(r"^\s*i have no comment\b", re.IGNORECASE)
+DENIAL = re.compile(r"^\s*(no|not|none|nothing|nobody|never|there (is|are|was|were) no)\b", re.IGNORECASE)
 
 
 def gold_group(lengths: Sequence[int], label: int) -> str:
@@ -58,43 +70,54 @@ def blind_rule_accuracy(lengths: Sequence[int], label: int, pick: str) -> float:
     return 1.0 / len(tied) if label in tied else 0.0
 
 
-def analyse(lengths: Sequence[Sequence[int]], labels: Sequence[int], rows: dict[str, Sequence[float]],
-            predictions: dict[str, Sequence[int]] | None = None) -> dict:
-    """Per-group sizes, the blind rules' accuracies and each row's accuracy on every group.
+def option_style(text: str) -> str:
+    """``"no comment"`` for the refusal "I have no comment.", ``"denial"`` for an answer that opens with a negation
+    (No, Not, None, Nothing, Nobody, Never, There is/are no), else ``"other"``."""
+    if NO_COMMENT.match(text):
+        return "no comment"
+    return "denial" if DENIAL.match(text) else "other"
 
-    ``lengths[i]``: token lengths of example ``i``'s options; ``rows[method][i]``: its 1/0 correctness;
-    ``predictions[method][i]`` (where a row stores them): the option it picked, from which ``picks`` gives the
-    share of examples where the row picked a longest and a shortest option (ties included)."""
-    if len(lengths) != len(labels):
-        raise ValueError(f"{len(lengths)} option-length lists but {len(labels)} labels")
+
+def style_rule_accuracy(styles: Sequence[str], label: int) -> float:
+    """Expected accuracy of the blind rule "pick a no-comment option, else a denial, else any option", ties broken
+    at random."""
+    for style in STYLE_GROUPS:
+        tied = [i for i, s in enumerate(styles) if s == style]
+        if tied:
+            return 1.0 / len(tied) if label in tied else 0.0
+    return 0.0  # no options
+
+
+def split_rows(groups: Sequence[str], group_names: Sequence[str], kinds: dict[str, Sequence[set[int]]],
+               n_options: Sequence[int], blind: dict[str, Sequence[float]], rows: dict[str, Sequence[float]],
+               predictions: dict[str, Sequence[int]] | None = None) -> dict:
+    """Each row's accuracy on every group of examples, and how often it picked an option of each kind.
+
+    ``groups[i]``: example ``i``'s group (one of ``group_names``); ``kinds[kind][i]``: the indices of example
+    ``i``'s options of that kind; ``blind``: the per-example expected accuracies of rules blind to the question,
+    listed before the rows; ``rows[method][i]``: its 1/0 correctness; ``predictions[method][i]`` (where a row
+    stores them): the option it picked."""
     predictions = predictions or {}
     for method, values in [*rows.items(), *predictions.items()]:
-        if len(values) != len(labels):
-            raise ValueError(f"row {method!r} has {len(values)} per-example values; the examples are {len(labels)}")
-    groups = [gold_group(n, y) for n, y in zip(lengths, labels)]
-    members = {g: [i for i, x in enumerate(groups) if x == g] for g in GROUPS}
+        if len(values) != len(groups):
+            raise ValueError(f"row {method!r} has {len(values)} per-example values; the examples are {len(groups)}")
+    members = {g: [i for i, x in enumerate(groups) if x == g] for g in group_names}
 
     def accuracy(values: Sequence[float], idx: list[int]) -> float | None:
         return sum(values[i] for i in idx) / len(idx) if idx else None
 
-    everyone = list(range(len(labels)))
-    table = {}
-    for pick in ("longest", "shortest"):
-        values = [blind_rule_accuracy(n, y, pick) for n, y in zip(lengths, labels)]
-        table[f"pick the {pick} option"] = values
-    table["pick at random"] = [1 / len(n) for n in lengths]
-    table.update(rows)
-    extreme = {"longest": max, "shortest": min}
-    picks = {name: {kind: sum(n[p] == f(n) for n, p in zip(lengths, picked)) / len(labels)
-                    for kind, f in extreme.items()}
+    everyone = list(range(len(groups)))
+    table = {**blind, "pick at random": [1 / n for n in n_options], **rows}
+    picks = {name: {kind: sum(p in sets[i] for i, p in enumerate(picked)) / len(groups) for kind, sets in kinds.items()}
              for name, picked in predictions.items()}
-    # what a pick blind to length gives: the share of each example's options that are a longest (shortest) one
-    picks["pick at random"] = {kind: sum(sum(x == f(n) for x in n) / len(n) for n in lengths) / len(labels)
-                               for kind, f in extreme.items()}
+    # what a pick blind to the options gives: the share of each example's options that are of the kind
+    picks["pick at random"] = {kind: sum(len(s) / n for s, n in zip(sets, n_options)) / len(groups)
+                               for kind, sets in kinds.items()}
     return {
-        "n": len(labels),
+        "n": len(groups),
+        "groups": list(group_names),
+        "kinds": list(kinds),
         "group_sizes": {g: len(idx) for g, idx in members.items()},
-        "equal_lengths": sum(1 for n in lengths if min(n) == max(n)),
         "accuracy": {name: {"all": accuracy(values, everyone),
                             **{g: accuracy(values, idx) for g, idx in members.items()}}
                      for name, values in table.items()},
@@ -102,12 +125,49 @@ def analyse(lengths: Sequence[Sequence[int]], labels: Sequence[int], rows: dict[
     }
 
 
+def analyse(lengths: Sequence[Sequence[int]], labels: Sequence[int], rows: dict[str, Sequence[float]],
+            predictions: dict[str, Sequence[int]] | None = None) -> dict:
+    """The split by option length: groups by where the gold option's token length ranks, the blind rules "pick the
+    longest / shortest option", and the shares of picks that are a longest and a shortest option (ties included).
+
+    ``lengths[i]``: token lengths of example ``i``'s options; ``labels[i]``: its gold option."""
+    if len(lengths) != len(labels):
+        raise ValueError(f"{len(lengths)} option-length lists but {len(labels)} labels")
+    blind = {f"pick the {pick} option": [blind_rule_accuracy(n, y, pick) for n, y in zip(lengths, labels)]
+             for pick in ("longest", "shortest")}
+    kinds = {kind: [{i for i, x in enumerate(n) if x == f(n)} for n in lengths]
+             for kind, f in (("longest", max), ("shortest", min))}
+    result = split_rows([gold_group(n, y) for n, y in zip(lengths, labels)], GROUPS, kinds,
+                        [len(n) for n in lengths], blind, rows, predictions)
+    result["equal_lengths"] = sum(1 for n in lengths if min(n) == max(n))
+    return result
+
+
+def analyse_style(choices: Sequence[Sequence[str]], labels: Sequence[int], rows: dict[str, Sequence[float]],
+                  predictions: dict[str, Sequence[int]] | None = None) -> dict:
+    """The split by answer style (see :func:`option_style`): groups by the gold option's style, the blind rule
+    "pick a no-comment option, else a denial, else any", and the shares of picks that are a no-comment option and
+    a denial."""
+    if len(choices) != len(labels):
+        raise ValueError(f"{len(choices)} option lists but {len(labels)} labels")
+    styles = [[option_style(o) for o in options] for options in choices]
+    blind = {"pick no comment, else a denial": [style_rule_accuracy(s, y) for s, y in zip(styles, labels)]}
+    kinds = {kind: [{i for i, x in enumerate(s) if x == kind} for s in styles] for kind in STYLE_GROUPS[:2]}
+    result = split_rows([s[y] for s, y in zip(styles, labels)], STYLE_GROUPS, kinds, [len(s) for s in styles],
+                        blind, rows, predictions)
+    result["no_style"] = sum(1 for s in styles if set(s) == {"other"})
+    return result
+
+
 def render(result: dict, task: str, folder: str, reference: str = "none") -> str:
-    """A markdown table: accuracy on every group (in %), and each row's change from ``reference`` per group."""
-    sizes = result["group_sizes"]
-    head = ["row", f"all (n={result['n']})", *[f"gold {g} (n={sizes[g]})" for g in GROUPS], "picks a longest option",
-            "picks a shortest option"]
-    lines = [f"Option-length split of `{folder}` / `{task}` (test rows with per-example values).", "",
+    """A markdown table: accuracy on every group (in %), each row's change from ``reference`` per group, and the
+    shares of its picks of each kind."""
+    sizes, groups, kinds = result["group_sizes"], result["groups"], result["kinds"]
+    by_length = "equal_lengths" in result
+    head = ["row", f"all (n={result['n']})", *[f"gold {g} (n={sizes[g]})" for g in groups],
+            *[f"picks a {k} option" for k in kinds]]
+    what = "Option-length" if by_length else "Answer-style"
+    lines = [f"{what} split of `{folder}` / `{task}` (test rows with per-example values).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = result["accuracy"].get(reference)
 
@@ -122,14 +182,23 @@ def render(result: dict, task: str, folder: str, reference: str = "none") -> str
 
     for name in result["accuracy"]:
         picks = result["picks"].get(name)
-        shares = ["–", "–"] if picks is None else [f"{100 * picks[k]:.1f}" for k in ("longest", "shortest")]
-        lines.append("| " + " | ".join([name, *[cell(name, k) for k in ("all", *GROUPS)], *shares]) + " |")
-    if result["equal_lengths"]:
+        shares = ["–"] * len(kinds) if picks is None else [f"{100 * picks[k]:.1f}" for k in kinds]
+        lines.append("| " + " | ".join([name, *[cell(name, k) for k in ("all", *groups)], *shares]) + " |")
+    if result.get("equal_lengths"):
         lines += ["", f"In {result['equal_lengths']} of the {result['n']} examples every option has the same token "
                   "length: no length preference can change those (where the options are letters, that is every example)."]
-    lines += ["", f"In parentheses: the change from `{reference}` on the same examples. \"Picks a longest (shortest) "
-              "option\": the share of examples where the row chose an option of the greatest (least) token length, "
-              "ties included; rows stored without their predictions show –."]
+    if result.get("no_style"):
+        lines += ["", f"In {result['no_style']} of the {result['n']} examples no option is a no-comment answer or a "
+                  "denial: no preference for those styles can change those."]
+    if by_length:
+        kinds_text = ("\"Picks a longest (shortest) option\": the share of examples where the row chose an option of "
+                      "the greatest (least) token length, ties included")
+    else:
+        kinds_text = ("\"No comment\": the option \"I have no comment.\"; \"denial\": an option that opens with No, "
+                      "Not, None, Nothing, Nobody, Never or There is/are no. \"Picks a … option\": the share of "
+                      "examples where the row chose one")
+    lines += ["", f"In parentheses: the change from `{reference}` on the same examples. {kinds_text}; rows stored "
+              "without their predictions show –."]
     return "\n".join(lines) + "\n"
 
 
@@ -152,9 +221,9 @@ class RowsError(ValueError):
 
 
 def task_split(folder: Path, task_name: str, tokenizer_name: str | None, data_dir: str | None,
-               reference: str = "none", tokenizers: dict | None = None) -> str:
-    """The markdown split of one task's rows in ``folder`` (see the module docstring). ``tokenizers``: a cache
-    shared across tasks, by name."""
+               reference: str = "none", tokenizers: dict | None = None, by: str = "length") -> str:
+    """The markdown split of one task's rows in ``folder`` (see the module docstring), ``by`` option length or
+    answer style. ``tokenizers``: a cache shared across tasks, by name."""
     task_folder = folder / task_name
     rows = load_rows(task_folder)
     if not rows:
@@ -175,14 +244,18 @@ def task_split(folder: Path, task_name: str, tokenizer_name: str | None, data_di
                         f"{first['seed']}, n={first['n']}) has digest {examples_digest(test)}, the rows "
                         f"{first['examples_digest']}: the data differs from the one the rows were scored on; pass "
                         "that folder with --data-dir")
+    predictions = {m: r["predicted"] for m, r in rows.items() if "predicted" in r}
+    per_example = {m: r["per_example"] for m, r in rows.items()}
+    if by == "style":  # the option texts alone: no tokenizer
+        result = analyse_style([e.choices for e in test], [e.label for e in test], per_example, predictions)
+        return render(result, task_name, str(folder), reference=reference)
     name = tokenizer_name or first["model"]
     tokenizers = {} if tokenizers is None else tokenizers
     if name not in tokenizers:
         tokenizers[name] = _tokenizer(name)
     lengths = [[len(o) for o in encode_choice_item(tokenizers[name], e.prompt, e.choices, e.label).option_ids]
                for e in test]
-    result = analyse(lengths, [e.label for e in test], {m: r["per_example"] for m, r in rows.items()},
-                     {m: r["predicted"] for m, r in rows.items() if "predicted" in r})
+    result = analyse(lengths, [e.label for e in test], per_example, predictions)
     return render(result, task_name, str(folder), reference=reference)
 
 
@@ -195,13 +268,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer to measure options with (default: the rows' model; a local path or zoo name)")
     parser.add_argument("--data-dir", default=None, help="task data folder (default: $SADI_DATA_DIR, ../shared/data)")
+    parser.add_argument("--by", choices=("length", "style"), default="length",
+                        help="split by the gold option's token-length rank (default) or by its answer style "
+                             "(\"I have no comment.\", an answer opening with a denial, other)")
     parser.add_argument("--reference", default="none", help="row the changes are measured from (default: none)")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables to this markdown file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     tokenizers: dict = {}
     try:
-        text = "\n".join(task_split(args.folder, t.strip(), args.tokenizer, args.data_dir, args.reference, tokenizers)
+        text = "\n".join(task_split(args.folder, t.strip(), args.tokenizer, args.data_dir, args.reference, tokenizers,
+                                    args.by)
                          for t in args.task.split(",") if t.strip())
     except (RowsError, KeyError, FileNotFoundError, MissingDependencyError) as error:
         logger.error("%s", error.args[0] if error.args else error)

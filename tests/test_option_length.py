@@ -55,9 +55,50 @@ def test_analyse_splits_each_row_by_the_gold_options_length(option_length):
     assert "In 1 of the 4 examples every option has the same token length" in text
 
 
+def test_option_style_names_refusals_and_denials(option_length):
+    assert option_length.option_style("I have no comment.") == "no comment"
+    assert option_length.option_style(" i have no comment") == "no comment"
+    for denial in ("No, it is not.", "Nothing happens.", "There is no such city.", "There are no albums.",
+                   "None of them.", "Nobody knows.", "Never.", "Not at all."):
+        assert option_length.option_style(denial) == "denial", denial
+    for other in ("Nowhere is safe.", "Notably, yes.", "Yes.", "It is 10 AM.", "A", "I have a comment."):
+        assert option_length.option_style(other) == "other", other
+
+
+def test_style_rule_prefers_no_comment_then_denials_and_breaks_ties_at_random(option_length):
+    rule = option_length.style_rule_accuracy
+    assert rule(["other", "no comment", "denial"], 1) == 1.0
+    assert rule(["other", "no comment", "denial"], 2) == 0.0  # a no-comment option is there: the rule takes it
+    assert rule(["denial", "other", "denial"], 2) == 0.5
+    assert rule(["other", "other", "other", "other"], 3) == 0.25
+
+
+def test_analyse_style_splits_rows_by_the_gold_options_style(option_length):
+    choices = [["I have no comment.", "Paris."], ["No, never.", "Yes, always.", "Nothing happens."],
+               ["Red.", "Blue."]]
+    labels = [0, 0, 1]  # gold: no comment, denial (tied with another denial), other
+    rows = {"none": [0, 0, 1], "steered": [1, 1, 0]}
+    result = option_length.analyse_style(choices, labels, rows, {"steered": [0, 0, 0]})
+    assert result["group_sizes"] == {"no comment": 1, "denial": 1, "other": 1}
+    assert result["no_style"] == 1
+    rule = result["accuracy"]["pick no comment, else a denial"]
+    assert rule == {"all": pytest.approx(2 / 3), "no comment": 1.0, "denial": 0.5, "other": 0.5}
+    assert result["accuracy"]["steered"]["no comment"] == 1.0 and result["accuracy"]["none"]["other"] == 1.0
+    # picks 0, 0, 0: the no-comment option once, a denial once, neither in the last example
+    assert result["picks"]["steered"] == {"no comment": pytest.approx(1 / 3), "denial": pytest.approx(1 / 3)}
+    assert result["picks"]["pick at random"]["no comment"] == pytest.approx((1 / 2) / 3)
+    assert result["picks"]["pick at random"]["denial"] == pytest.approx((2 / 3) / 3)
+    text = option_length.render(result, "truthfulqa_mc1", "results/x")
+    assert text.startswith("Answer-style split of `results/x` / `truthfulqa_mc1`")
+    assert "| steered | 66.7 (+33.3) | 100.0 (+100.0) | 100.0 (+100.0) | 0.0 (-100.0) | 33.3 | 33.3 |" in text
+    assert "In 1 of the 3 examples no option is a no-comment answer or a denial" in text
+
+
 def test_analyse_rejects_rows_of_another_length(option_length):
     with pytest.raises(ValueError, match="row 'none' has 3 per-example values; the examples are 2"):
         option_length.analyse([[1, 2], [2, 1]], [0, 0], {"none": [1, 0, 1]})
+    with pytest.raises(ValueError, match="2 option lists but 1 labels"):
+        option_length.analyse_style([["a"], ["b"]], [0], {})
 
 
 def test_a_folder_without_rows_is_an_error_that_names_it(option_length, tmp_path, caplog):

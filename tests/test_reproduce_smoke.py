@@ -90,6 +90,11 @@ def test_reproduce_smoke_and_resume(tmp_path, smollm2_path, data_dir):
     none_row = next(line for line in table.splitlines() if line.startswith("| none |"))
     assert none_row.split(" | ")[1] == f"{100 * stored['none']['accuracy']:.1f}"
     assert "| pick the longest option |" in table and "| sadi-head-last |" in table
+    # the same rows by answer style: COPA's options are letters, so no example has a no-comment answer or a denial
+    style = run(str(REPO / "scripts" / "option_length.py"), "results", "--task", "copa", "--by", "style",
+                "--data-dir", str(data_dir), cwd=tmp_path)
+    assert style.returncode == 0, style.stderr[-3000:]
+    assert "In 6 of the 6 examples no option is a no-comment answer or a denial" in style.stdout
     paired = run("-m", "sadi_peft.cli", "report", "results", "--paired", "none", cwd=tmp_path)
     assert paired.returncode == 0 and "| copa | sadi-head-last | 6 |" in paired.stdout and "copa: caa" in paired.stdout
     # the chosen adapter is saved beside its result, and its Hub card is built from the result files
