@@ -7,7 +7,8 @@ the card ``sadi_peft.push_to_hub`` would upload, with the evaluation table fille
 unsteered ``none`` row of the same task as the baseline, never a typed-in number), and writes it as
 ``<out>/<task>-<method>.md``, plus ``<out>/index.md``: one line per card with base -> steered and, where both
 result files hold per-example values of the same test examples, the paired difference (bootstrap 95 % interval,
-exact McNemar p). Nothing is uploaded.
+exact McNemar p), and the same against the task's random-mask control (``random-head``) where it has run. Nothing
+is uploaded.
 
     python scripts/publish_cards.py results/smollm2 --base-model HuggingFaceTB/SmolLM2-135M-Instruct \\
         --repo-prefix sadi-peft/smollm2-135m-instruct --out hub_cards/smollm2-135m-instruct
@@ -31,21 +32,41 @@ METRICS = {
 }
 
 
-def paired_sentence(result: dict, baseline: dict) -> str:
-    """The steered-minus-base difference on the same test examples, with its paired bootstrap 95 % interval and, for
-    0/1 metrics, the exact McNemar p; "" when the result files lack per-example values of the same examples."""
-    a, b = result.get("per_example"), baseline.get("per_example")
-    if not a or not b or len(a) != len(b) or result.get("examples_digest") != baseline.get("examples_digest"):
+def paired_difference(result: dict, other: dict) -> str:
+    """``"+x.x points (paired bootstrap 95 % interval [lo, hi]; exact McNemar p = p)"``: the difference of
+    ``result`` minus ``other`` on the same test examples (McNemar for 0/1 metrics only); "" when the two files lack
+    per-example values of the same examples."""
+    a, b = result.get("per_example"), other.get("per_example")
+    if not a or not b or len(a) != len(b) or result.get("examples_digest") != other.get("examples_digest"):
         return ""
     differences = [x - y for x, y in zip(a, b)]
     low, high = bootstrap_interval(differences)
-    text = (f"On the same {len(a)} test examples the adapter differs from the base model by "
-            f"{100 * sum(differences) / len(a):+.1f} points (paired bootstrap 95 % interval "
+    text = (f"{100 * sum(differences) / len(a):+.1f} points (paired bootstrap 95 % interval "
             f"[{100 * low:+.1f}, {100 * high:+.1f}]")
     if all(v in (0, 1) for v in (*a, *b)):
-        only_steered, only_base = sum(x > y for x, y in zip(a, b)), sum(x < y for x, y in zip(a, b))
-        text += f"; exact McNemar p = {mcnemar_p(only_steered, only_base):.2g}"
-    return text + ")."
+        only_steered, only_other = sum(x > y for x, y in zip(a, b)), sum(x < y for x, y in zip(a, b))
+        text += f"; exact McNemar p = {mcnemar_p(only_steered, only_other):.2g}"
+    return text + ")"
+
+
+def paired_sentence(result: dict, baseline: dict) -> str:
+    """The steered-minus-base difference on the same test examples (see :func:`paired_difference`); "" where it
+    cannot be computed."""
+    difference = paired_difference(result, baseline)
+    return f"On the same {len(result['per_example'])} test examples the adapter differs from the base model by " \
+           f"{difference}." if difference else ""
+
+
+def control_sentence(result: dict, control: dict) -> str:
+    """How the adapter compares with the random-mask control of the same task (same number of units and grid,
+    chosen on the same validation split), so a reader can tell what the chosen units add over any units given the
+    same gain; "" where the two files lack per-example values of the same examples."""
+    difference = paired_difference(result, control)
+    if not difference:
+        return ""
+    return (f"Control: a seeded random mask of attention heads at the last prompt token (`random-head`, searched over "
+            f"the same K × δ grid as `sadi-head-last` and chosen on the same validation split) scores "
+            f"{100 * control['accuracy']:.1f} on these examples; this adapter differs from it by {difference}.")
 
 
 def main() -> int:
@@ -73,12 +94,16 @@ def main() -> int:
                                   "metric": METRICS[result.get("metric", "accuracy")],
                                   "split": "test", "n": result["n"]}}
                 comparison = paired_sentence(result, baseline)
+        control_file = adapter.parent / "random-head.json"
+        control = ""
+        if method != "random-head" and control_file.is_file():
+            control = control_sentence(result, json.loads(control_file.read_text()))
         chosen = result.get("chosen", {})
         description = (
             f" K and δ were chosen on {result.get('n_validation')} validation examples of {task} "
             f"(top_k={chosen.get('top_k')}, δ={chosen.get('delta')}), calibrated on {result.get('num_pairs')} "
             f"contrastive pairs, seed {result.get('seed')}, by `scripts/reproduce.py` of sadi-peft.{args.base_note}"
-            + (f" {comparison}" if comparison else "")
+            + (f" {comparison}" if comparison else "") + (f" {control}" if control else "")
         )
         card = build_model_card(
             adapter, repo_id=f"{args.repo_prefix}-{task}-{method}", base_model=args.base_model, dataset=task,
@@ -90,12 +115,17 @@ def main() -> int:
         written += 1
         steered = f"{result['accuracy']:.3f}"
         base = f"{results[task]['baseline']:.3f} → {steered} ({result['n']})" if results else f"– → {steered}"
+        against_control = "–"
+        if control:
+            control_row = json.loads(control_file.read_text())
+            against_control = f"{control_row['accuracy']:.3f}: {paired_difference(result, control_row)}"
         index.append(f"| [`{task}-{method}.md`]({task}-{method}.md) | `{adapter.as_posix()}` | {base} | "
-                     f"{comparison or '–'} |")
+                     f"{comparison or '–'} | {against_control} |")
     if index:
         (args.out / "index.md").write_text(
-            "| card | adapter folder | test metric: base → steered (n) | against the base on the same examples |\n"
-            "|---|---|---|---|\n" + "\n".join(index) + "\n", encoding="utf-8")
+            "| card | adapter folder | test metric: base → steered (n) | against the base on the same examples | "
+            "random mask (`random-head`): its metric, and the adapter against it |\n"
+            "|---|---|---|---|---|\n" + "\n".join(index) + "\n", encoding="utf-8")
     print(f"wrote {written} cards to {args.out}")
     return 0 if written else 1
 
