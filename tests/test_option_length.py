@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "option_length.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def option_length():
-    spec = importlib.util.spec_from_file_location("option_length", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("option_length")
 
 
 def test_gold_group_needs_a_strict_longest_or_shortest(option_length):

@@ -95,6 +95,30 @@ def test_reproduce_smoke_and_resume(tmp_path, smollm2_path, data_dir):
                 "--data-dir", str(data_dir), cwd=tmp_path)
     assert style.returncode == 0, style.stderr[-3000:]
     assert "In 6 of the 6 examples no option is a no-comment answer or a denial" in style.stdout
+    # the label-prior control: rescores the unsteered model (checked against the stored none row), fits λ on
+    # validation and compares every stored row with it on the same test examples
+    prior = run(str(REPO / "scripts" / "label_prior.py"), "results", "--tasks", "copa", "--tiny", "--data-dir",
+                str(data_dir), "--out", "prior.md", cwd=tmp_path)
+    assert prior.returncode == 0, prior.stderr[-3000:]
+    control = json.loads((tmp_path / "results" / "label_prior.json").read_text())["copa"]
+    assert control["n"] == 6 and control["examples_digest"] == record["examples_digest"]
+    assert control["accuracy"] == pytest.approx(sum(control["per_example"]) / 6)
+    assert control["lambda"] in [g["lambda"] for g in control["grid"]] and control["grid"][0]["lambda"] == 0.0
+    # every row with per-example values (caa's were refused above, so it has none)
+    assert set(control["against_control"]) == {"none", "sadi-head-last", "random-head"}
+    none_vs = control["against_control"]["none"]
+    assert none_vs["difference"] == pytest.approx(sum(stored["none"]["per_example"]) / 6 - control["accuracy"])
+    assert "| **label-prior control** (λ = " in (tmp_path / "prior.md").read_text()
+    # an unsteered scoring that does not reproduce the stored none row: refused, the stored control kept
+    before = (tmp_path / "results" / "label_prior.json").read_text()
+    none_file = folder / "none.json"
+    kept = none_file.read_text()
+    none_file.write_text(json.dumps(json.loads(kept) | {"per_example": [1 - v for v in stored["none"]["per_example"]]}))
+    refused = run(str(REPO / "scripts" / "label_prior.py"), "results", "--tasks", "copa", "--tiny", "--force",
+                  "--data-dir", str(data_dir), cwd=tmp_path)
+    assert refused.returncode == 2 and "differs from the stored `none` row on 6 of 6" in refused.stderr
+    assert (tmp_path / "results" / "label_prior.json").read_text() == before
+    none_file.write_text(kept)
     paired = run("-m", "sadi_peft.cli", "report", "results", "--paired", "none", cwd=tmp_path)
     assert paired.returncode == 0 and "| copa | sadi-head-last | 6 |" in paired.stdout and "copa: caa" in paired.stdout
     # the chosen adapter is saved beside its result, and its Hub card is built from the result files
