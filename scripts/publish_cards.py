@@ -7,8 +7,9 @@ the card ``sadi_peft.push_to_hub`` would upload, with the evaluation table fille
 unsteered ``none`` row of the same task as the baseline, never a typed-in number), and writes it as
 ``<out>/<task>-<method>.md``, plus ``<out>/index.md``: one line per card with base -> steered and, where both
 result files hold per-example values of the same test examples, the paired difference (bootstrap 95 % interval,
-exact McNemar p), and the same against the task's random-mask control (``random-head``) where it has run. Nothing
-is uploaded.
+exact McNemar p), and the same against the task's random-mask control (``random-head``) where it has run. Cards
+also compare with the label-prior control where ``<results>/label_prior.json`` (``scripts/label_prior.py``) has the
+task. Nothing is uploaded.
 
     python scripts/publish_cards.py results/smollm2 --base-model HuggingFaceTB/SmolLM2-135M-Instruct \\
         --repo-prefix sadi-peft/smollm2-135m-instruct --out hub_cards/smollm2-135m-instruct
@@ -69,6 +70,18 @@ def control_sentence(result: dict, control: dict) -> str:
             f"{100 * control['accuracy']:.1f} on these examples; this adapter differs from it by {difference}.")
 
 
+def prior_sentence(result: dict, control: dict) -> str:
+    """How the adapter compares with the label-prior control of ``scripts/label_prior.py`` (the unsteered model
+    with a per-option bias chosen on validation: what moving the answer prior alone gives); "" where the control
+    lacks per-example values of the same examples."""
+    difference = paired_difference(result, control)
+    if not difference:
+        return ""
+    return (f"Label-prior control: the base model with a per-option bias on its choice scores (chosen on validation, "
+            f"no steering; `scripts/label_prior.py`) scores {100 * control['accuracy']:.1f}; this adapter differs "
+            f"from it by {difference}.")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, help="a results folder of scripts/reproduce.py (one model)")
@@ -78,6 +91,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
+    prior_file = args.results / "label_prior.json"
+    priors = json.loads(prior_file.read_text()) if prior_file.is_file() else {}
     written, index = 0, []
     for adapter in sorted(args.results.glob("*/*.adapter")):
         task, method = adapter.parent.name, adapter.name[: -len(".adapter")]
@@ -98,12 +113,13 @@ def main() -> int:
         control = ""
         if method != "random-head" and control_file.is_file():
             control = control_sentence(result, json.loads(control_file.read_text()))
+        prior = prior_sentence(result, priors[task]) if task in priors else ""
         chosen = result.get("chosen", {})
         description = (
             f" K and δ were chosen on {result.get('n_validation')} validation examples of {task} "
             f"(top_k={chosen.get('top_k')}, δ={chosen.get('delta')}), calibrated on {result.get('num_pairs')} "
             f"contrastive pairs, seed {result.get('seed')}, by `scripts/reproduce.py` of sadi-peft.{args.base_note}"
-            + (f" {comparison}" if comparison else "") + (f" {control}" if control else "")
+            + "".join(f" {sentence}" for sentence in (comparison, control, prior) if sentence)
         )
         card = build_model_card(
             adapter, repo_id=f"{args.repo_prefix}-{task}-{method}", base_model=args.base_model, dataset=task,

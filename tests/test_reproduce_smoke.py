@@ -132,13 +132,15 @@ def test_reproduce_smoke_and_resume(tmp_path, smollm2_path, data_dir):
     assert f"top_k={record['chosen']['top_k']}" in card
     assert "accuracy (restricted choice" in card
     assert "On the same 6 test examples the adapter differs from the base model by" in card  # paired, per-example
-    control = json.loads((tmp_path / "results" / "copa" / "random-head.json").read_text())["accuracy"]
-    assert f"Control: a seeded random mask of attention heads at the last prompt token (`random-head`" in card
-    assert f"scores {100 * control:.1f} on these examples; this adapter differs from it by" in card
+    assert "Label-prior control: the base model with a per-option bias on its choice scores" in card
+    assert f"scores {100 * control['accuracy']:.1f}; this adapter differs from it by" in card
+    random_mask = json.loads((tmp_path / "results" / "copa" / "random-head.json").read_text())["accuracy"]
+    assert "Control: a seeded random mask of attention heads at the last prompt token (`random-head`" in card
+    assert f"scores {100 * random_mask:.1f} on these examples; this adapter differs from it by" in card
     index = (tmp_path / "cards" / "index.md").read_text()
     assert "| [`copa-sadi-head-last.md`](copa-sadi-head-last.md) | `results/copa/sadi-head-last.adapter` |" in index
     line = next(x for x in index.splitlines() if x.startswith("| [`copa-sadi-head-last.md`]"))
-    assert f"| {control:.3f}: " in line and line.count("points (paired bootstrap 95 % interval") == 2
+    assert f"| {random_mask:.3f}: " in line and line.count("points (paired bootstrap 95 % interval") == 2
 
 
 def test_reproduce_triviaqa_selects_and_scores_by_generation(tmp_path, smollm2_path, data_dir):
