@@ -164,34 +164,37 @@ def fit_task(task_name: str, folder: Path, model, tokenizer, args) -> dict:
         "label_counts": torch.bincount(labels["test"], minlength=width).tolist(),
         "test_scoring": "prefix-cached" if prefix_cached else "full",
         "wall_seconds": time.perf_counter() - started,
-        # each stored row against the control, on the same test examples
-        "against_control": {method: {"accuracy": row["accuracy"], **paired(row["per_example"], values)}
-                            for method, row in rows.items() if row.get("examples_digest") == reference["examples_digest"]},
-        "stored_predicted_counts": {method: row["predicted_counts"] for method, row in rows.items()
-                                    if "predicted_counts" in row},
     }
     return entry
 
 
-def render(entries: dict[str, dict], folder: str) -> str:
-    """Markdown: per task, the control beside every stored row (difference from the control on the same examples)."""
-    lines = [f"Label-prior control for `{folder}`: a per-option bias on the unsteered model's choice scores, its size "
-             "(λ) chosen on validation; each stored row against it on the same test examples.", ""]
+def against_control(entry: dict, folder: Path) -> dict[str, dict]:
+    """Every stored row of ``entry``'s task in ``folder`` (as it is now, so rows added after the fit count) against
+    the control on the same test examples: its accuracy, answer counts and :func:`paired` comparison."""
+    rows = load_rows(folder / entry["task"])
+    same = {m: r for m, r in rows.items() if r.get("examples_digest") == entry["examples_digest"]}
+    order = sorted(same, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
+    return {m: {"accuracy": same[m]["accuracy"], "predicted_counts": same[m].get("predicted_counts"),
+                **paired(same[m]["per_example"], entry["per_example"])} for m in order}
+
+
+def render(entries: dict[str, dict], folder: Path, name: str | None = None) -> str:
+    """Markdown: per task, the control beside every stored row of ``folder`` (difference from the control on the same
+    examples); ``name``: how the heading names the folder (default: its path)."""
+    lines = [f"Label-prior control for `{name or folder.as_posix()}`: a per-option bias on the unsteered model's choice "
+             "scores, its size (λ) chosen on validation; each stored row against it on the same test examples.", ""]
     for task, e in sorted(entries.items()):
-        options = " / ".join(e["options"])
-        lines += [f"### {task}", "",
-                  f"Options {options}; test answers {e['label_counts']} (n={e['n']}). Chosen λ = {e['lambda']:g} "
-                  f"(validation {100 * e['validation_accuracy']:.1f} on {e['n_validation']}; bias per option "
-                  f"{', '.join(f'{x:+.3f}' for x in e['bias'])}).", "",
-                  "| row | test acc. | answers given | difference from the control | 95 % interval | only row / only control | McNemar p |",
+        lines += [f"**{task}**: options {' / '.join(e['options'])}; test answers {e['label_counts']} (n={e['n']}). "
+                  f"Chosen λ = {e['lambda']:g} (validation {100 * e['validation_accuracy']:.1f} on "
+                  f"{e['n_validation']}; bias per option {', '.join(f'{x:+.3f}' for x in e['bias'])}).", "",
+                  "| row | test acc. | answers given | difference from the control | 95 % interval | "
+                  "only row / only control | McNemar p |",
                   "|---|---|---|---|---|---|---|",
                   f"| **label-prior control** (λ = {e['lambda']:g}) | {100 * e['accuracy']:.1f} | "
                   f"{e['predicted_counts']} | – | – | – | – |"]
-        order = sorted(e["against_control"], key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else 99, m))
-        for method in order:
-            c = e["against_control"][method]
+        for method, c in against_control(e, folder).items():
             low, high = c["interval"]
-            lines.append(f"| {method} | {100 * c['accuracy']:.1f} | {e['stored_predicted_counts'].get(method, '–')} | "
+            lines.append(f"| {method} | {100 * c['accuracy']:.1f} | {c['predicted_counts'] or '–'} | "
                          f"{100 * c['difference']:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | "
                          f"{c['only_first']} / {c['only_second']} | {c['mcnemar_p']:.2g} |")
         lines.append("")
@@ -256,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ControlError, KeyError, FileNotFoundError, MissingDependencyError) as error:
         logger.error("%s", error.args[0] if error.args else error)
         return 2
-    text = render({t: entries[t] for t in tasks if t in entries}, str(args.folder))
+    text = render({t: entries[t] for t in tasks if t in entries}, args.folder)
     sys.stdout.write(text)
     if args.out is not None:
         args.out.write_text(text, encoding="utf-8")

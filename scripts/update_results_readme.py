@@ -12,7 +12,9 @@ between the markers. A ``<!-- generated: coverage <folders> -->`` block lists, p
 the rows ``scripts/reproduce.py`` makes are present, missing or failed (an ``.error.json``), so the document's
 "what is not done" never goes stale. A ``<!-- generated: replicates <task> <folders> -->`` block compares, for one
 task, each method with ``none`` in every folder (runs of the same table with other ``--seed`` values), one line per
-folder and method, and the mean over the folders. ``--check`` changes nothing and exits 1 when a table is out of
+folder and method, and the mean over the folders. A ``<!-- generated: label-prior <folder> -->`` block renders the
+label-prior control of ``<folder>/label_prior.json`` (``scripts/label_prior.py``) against the rows stored now.
+``--check`` changes nothing and exits 1 when a table is out of
 date (the test suite runs it).
 
     python scripts/update_results_readme.py            # rewrite results/README.md
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import re
 import shlex
 import sys
@@ -36,11 +39,17 @@ REPO = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(<!-- generated: (?P<command>[^\n]*?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
 
 
-def _expected() -> tuple[list[str], list[str]]:
-    """The tasks and methods of the whole table: ``scripts/reproduce.py``'s own lists."""
-    spec = importlib.util.spec_from_file_location("reproduce", REPO / "scripts" / "reproduce.py")
+def _script(name: str):
+    """``scripts/<name>.py`` imported as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def _expected() -> tuple[list[str], list[str]]:
+    """The tasks and methods of the whole table: ``scripts/reproduce.py``'s own lists."""
+    module = _script("reproduce")
     return list(module.TASKS), list(module.METHODS)
 
 
@@ -113,6 +122,16 @@ def replicates(task: str, folders: list[str], root: Path) -> str:
     return "\n".join(lines) + "\n\nMean difference to `none` over the runs: " + "; ".join(summary) + ".\n"
 
 
+def label_prior(folder: str, root: Path) -> str:
+    """The tables of ``scripts/label_prior.py`` for ``<folder>/label_prior.json``, against the rows stored now."""
+    path = root / folder / "label_prior.json"
+    if not path.is_file():
+        raise ValueError(f"label-prior block names {folder!r}, which has no label_prior.json; run "
+                         f"scripts/label_prior.py {folder} --tasks ... first")
+    entries = json.loads(path.read_text(encoding="utf-8"))
+    return _script("label_prior").render(entries, root / folder, name=folder)
+
+
 def render(command: str, root: Path) -> str:
     """The output of one ``sadi-peft report <paths> [--details] [--paired M] [--split S]`` command, run in-process,
     or of a ``coverage <folders>`` block."""
@@ -125,6 +144,10 @@ def render(command: str, root: Path) -> str:
         if len(words) < 3:
             raise ValueError(f"generated block names {command!r}; expected `replicates <task> <result folder> ...`")
         return replicates(words[1], words[2:], root)
+    if words[:1] == ["label-prior"]:
+        if len(words) != 2:
+            raise ValueError(f"generated block names {command!r}; expected `label-prior <result folder>`")
+        return label_prior(words[1], root)
     if words[:2] != ["sadi-peft", "report"]:
         raise ValueError(f"generated block names {command!r}; expected a `sadi-peft report ...` command or "
                          "`coverage <result folder> ...`")

@@ -104,11 +104,13 @@ def test_reproduce_smoke_and_resume(tmp_path, smollm2_path, data_dir):
     assert control["n"] == 6 and control["examples_digest"] == record["examples_digest"]
     assert control["accuracy"] == pytest.approx(sum(control["per_example"]) / 6)
     assert control["lambda"] in [g["lambda"] for g in control["grid"]] and control["grid"][0]["lambda"] == 0.0
-    # every row with per-example values (caa's were refused above, so it has none)
-    assert set(control["against_control"]) == {"none", "sadi-head-last", "random-head"}
-    none_vs = control["against_control"]["none"]
-    assert none_vs["difference"] == pytest.approx(sum(stored["none"]["per_example"]) / 6 - control["accuracy"])
-    assert "| **label-prior control** (λ = " in (tmp_path / "prior.md").read_text()
+    # every row with per-example values (caa's were refused above, so it has none), against the control
+    table = (tmp_path / "prior.md").read_text()
+    assert f"| **label-prior control** (λ = {control['lambda']:g}) | {100 * control['accuracy']:.1f} |" in table
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.splitlines() if line.startswith("| ")}
+    assert {"none", "sadi-head-last", "random-head"} <= set(rows) and "caa" not in rows
+    difference = sum(stored["none"]["per_example"]) / 6 - control["accuracy"]
+    assert rows["none"][3] == f"{100 * difference:+.1f}"
     # an unsteered scoring that does not reproduce the stored none row: refused, the stored control kept
     before = (tmp_path / "results" / "label_prior.json").read_text()
     none_file = folder / "none.json"

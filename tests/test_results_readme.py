@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("update_results_readme", REPO / "scripts" / "update_results_readme.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("update_results_readme")
 
 
 def test_published_tables_match_the_result_files():
@@ -105,3 +102,28 @@ def test_replicates_compare_each_run_with_its_own_none(tmp_path):
     _result(tmp_path / "s1", "sst2", "none", 1.0)  # no per-example values
     with pytest.raises(ValueError, match="lack per-example values"):
         script.update("<!-- generated: replicates sst2 s0 s1 -->\n<!-- end generated -->\n", tmp_path)
+
+
+def test_label_prior_block_compares_the_rows_stored_now_with_the_control(tmp_path):
+    script = _script()
+    for method, values in (("none", [0] * 10 + [1] * 10), ("sadi-head-last", [1] * 16 + [0] * 4)):
+        _paired_result(tmp_path / "res", "sst2", method, values, 0)
+        path = tmp_path / "res" / "sst2" / f"{method}.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"protocol": "choice", "metric": "accuracy"}))
+    block = "<!-- generated: label-prior res -->\n<!-- end generated -->\n"
+    with pytest.raises(ValueError, match="'res', which has no label_prior.json"):
+        script.update(block, tmp_path)
+    control = {"task": "sst2", "n": 20, "n_validation": 10, "examples_digest": "d0", "options": ["Negative", "Positive"],
+               "bias": [0.1, -0.1], "lambda": 0.5, "validation_accuracy": 0.7, "accuracy": 0.6,
+               "per_example": [1] * 12 + [0] * 8, "predicted_counts": [9, 11], "label_counts": [10, 10]}
+    (tmp_path / "res" / "label_prior.json").write_text(json.dumps({"sst2": control}))
+    text = script.update(block, tmp_path)
+    assert "Label-prior control for `res`" in text and "Chosen λ = 0.5 (validation 70.0 on 10" in text
+    assert "| **label-prior control** (λ = 0.5) | 60.0 | [9, 11] |" in text
+    # each row minus the control on the same examples (none 50 against 60; SADI 80)
+    assert "| sadi-head-last | 80.0 | – | +20.0 |" in text and "| none | 50.0 | – | -10.0 |" in text
+    # a row stored after the control was fitted is compared too
+    _paired_result(tmp_path / "res", "sst2", "caa", [1] * 20, 0)
+    path = tmp_path / "res" / "sst2" / "caa.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"protocol": "choice", "metric": "accuracy"}))
+    assert "| caa | 100.0 | – | +40.0 | [+20.0, +60.0] | 8 / 0 |" in script.update(block, tmp_path)
