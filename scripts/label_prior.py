@@ -31,18 +31,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from _common import load  # noqa: E402
+from _results import emit, load_rows, paired, write_json  # noqa: E402
 import torch  # noqa: E402
 
-from sadi_peft.cli.report import METHOD_ORDER, bootstrap_interval, mcnemar_p  # noqa: E402
+from sadi_peft.cli.report import METHOD_ORDER  # noqa: E402
 from sadi_peft.harness import baselines  # noqa: E402
 from sadi_peft.tasks import examples_digest, get_task, select_examples  # noqa: E402
 from sadi_peft.zoo import DEFAULT_MODEL, MissingDependencyError  # noqa: E402
@@ -79,28 +78,6 @@ def choose_lambda(scores: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor
 def corrected(scores: torch.Tensor, bias: torch.Tensor, lam: float) -> torch.Tensor:
     """The option picked per example once ``λ · bias`` is taken off the scores."""
     return (scores.double() - lam * bias).argmax(-1)
-
-
-def paired(a: Sequence[float], b: Sequence[float]) -> dict:
-    """``a`` minus ``b`` on the same examples: difference, bootstrap 95 % interval, discordant counts, McNemar p."""
-    differences = [x - y for x, y in zip(a, b)]
-    low, high = bootstrap_interval(differences)
-    only_a, only_b = sum(x > y for x, y in zip(a, b)), sum(x < y for x, y in zip(a, b))
-    return {"difference": sum(differences) / len(differences), "interval": [low, high], "only_first": only_a,
-            "only_second": only_b, "mcnemar_p": mcnemar_p(only_a, only_b)}
-
-
-def load_rows(task_folder: Path) -> dict[str, dict]:
-    """The stored test rows of one task (choice accuracy with per-example values), by method."""
-    rows = {}
-    for path in sorted(task_folder.glob("*.json")):
-        if path.name.endswith(".error.json"):
-            continue
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if record.get("protocol") == "choice" and record.get("metric", "accuracy") == "accuracy" \
-                and "per_example" in record:
-            rows[record["method"]] = record
-    return rows
 
 
 def rebuild_splits(task, reference: dict, data_dir: str | None):
@@ -201,13 +178,6 @@ def render(entries: dict[str, dict], folder: Path, name: str | None = None) -> s
     return "\n".join(lines)
 
 
-def write_json(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(tmp, path)
-
-
 def parse_lambdas(text: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
@@ -260,9 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("%s", error.args[0] if error.args else error)
         return 2
     text = render({t: entries[t] for t in tasks if t in entries}, args.folder)
-    sys.stdout.write(text)
-    if args.out is not None:
-        args.out.write_text(text, encoding="utf-8")
+    emit(text, args.out)
     return 0
 
 

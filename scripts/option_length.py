@@ -27,7 +27,6 @@ seed and size) and checks its fingerprint against the rows', so no model runs; o
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import sys
@@ -36,6 +35,7 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from _common import _tokenizer  # noqa: E402
+from _results import emit, load_rows  # noqa: E402
 
 from sadi_peft.harness.search import encode_choice_item  # noqa: E402
 from sadi_peft.tasks import examples_digest, get_task, select_examples  # noqa: E402
@@ -202,20 +202,6 @@ def render(result: dict, task: str, folder: str, reference: str = "none") -> str
     return "\n".join(lines) + "\n"
 
 
-def load_rows(task_folder: Path) -> dict[str, dict]:
-    """The result rows of one task folder that carry per-example values, by method."""
-    rows = {}
-    for path in sorted(task_folder.glob("*.json")):
-        if path.name.endswith(".error.json"):
-            continue
-        record = json.loads(path.read_text(encoding="utf-8"))
-        # rows written before results named their metric are accuracy rows, but for TruthfulQA MC2's mass
-        metric = record.get("metric") or ("mc2" if record.get("task") == "truthfulqa_mc2" else "accuracy")
-        if "per_example" in record and metric == "accuracy" and record.get("protocol") == "choice":
-            rows[record["method"]] = record
-    return rows
-
-
 class RowsError(ValueError):
     """The stored rows cannot be split: none with per-example values, or not all on the same test examples."""
 
@@ -283,9 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RowsError, KeyError, FileNotFoundError, MissingDependencyError) as error:
         logger.error("%s", error.args[0] if error.args else error)
         return 2
-    sys.stdout.write(text)
-    if args.out is not None:
-        args.out.write_text(text, encoding="utf-8")
+    emit(text, args.out)
     return 0
 
 

@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from sadi_peft.cli.report import bootstrap_interval, mcnemar_p
+from _results import paired
 from sadi_peft.hub import build_model_card
 
 # the metric a result file names (``result["metric"]``, written by scripts/reproduce.py) -> how the card states it
@@ -40,13 +40,12 @@ def paired_difference(result: dict, other: dict) -> str:
     a, b = result.get("per_example"), other.get("per_example")
     if not a or not b or len(a) != len(b) or result.get("examples_digest") != other.get("examples_digest"):
         return ""
-    differences = [x - y for x, y in zip(a, b)]
-    low, high = bootstrap_interval(differences)
-    text = (f"{100 * sum(differences) / len(a):+.1f} points (paired bootstrap 95 % interval "
+    stats = paired(a, b)
+    low, high = stats["interval"]
+    text = (f"{100 * stats['difference']:+.1f} points (paired bootstrap 95 % interval "
             f"[{100 * low:+.1f}, {100 * high:+.1f}]")
-    if all(v in (0, 1) for v in (*a, *b)):
-        only_steered, only_other = sum(x > y for x, y in zip(a, b)), sum(x < y for x, y in zip(a, b))
-        text += f"; exact McNemar p = {mcnemar_p(only_steered, only_other):.2g}"
+    if stats["mcnemar_p"] is not None:
+        text += f"; exact McNemar p = {stats['mcnemar_p']:.2g}"
     return text + ")"
 
 

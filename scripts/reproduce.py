@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from _common import add_model_arguments, load  # noqa: E402
+from _results import write_json  # noqa: E402
 import torch  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
@@ -64,14 +63,6 @@ ALL_GRID = {"head": ([1, 4, 10], [0.5, 2.0, 4.0, 9.0]), "neuron": ([3, 30, 300],
 ADDITIVE_POSITIONS = "from_last"
 CAA_ALPHAS = [-2.0, -1.0, 1.0, 2.0, 4.0, 8.0]
 ITI_GRID = [(k, a) for k in (4, 16, 48) for a in (5.0, 15.0)]
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(tmp, path)
 
 
 def generative(task) -> bool:
