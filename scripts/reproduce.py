@@ -306,12 +306,18 @@ def stored_cost(path: Path) -> float | None:
     return float(cost) if cost else None
 
 
+def _upper_median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 def estimate_cost(out: Path, task: str, method: str) -> tuple[float | None, str]:
     """Estimated CPU seconds of the missing cell (task, method) of ``out`` and what the estimate rests on.
 
     First choice: the same cell in a sibling folder of the same model (``<out>-seed1`` for ``<out>``, and the
     other way round). Otherwise the task's ``none`` row in ``out`` times the median ratio method / none over the
-    tasks of ``out`` that have both. Otherwise unknown."""
+    tasks of ``out`` that have both, times the task's own factor: the median, over the other methods already run
+    on the task, of how much their ratio to ``none`` there exceeds their median ratio (TruthfulQA's searches cost
+    more per ``none`` than other tasks'; without rows on the task the factor is 1). Otherwise unknown."""
     model = out.name.split("-seed")[0]
     siblings = [d for d in sorted(out.parent.glob(f"{model}*")) if d != out and d.name.split("-seed")[0] == model]
     for sibling in siblings:
@@ -319,15 +325,33 @@ def estimate_cost(out: Path, task: str, method: str) -> tuple[float | None, str]
         if cost is not None:
             return cost, f"same cell in {sibling}"
     base = stored_cost(out / task / "none.json")
-    ratios = []
-    for folder in sorted(out.glob("*/")):
-        cost, none = stored_cost(folder / f"{method}.json"), stored_cost(folder / "none.json")
-        if cost is not None and none:
-            ratios.append(cost / none)
-    if base is not None and ratios:
-        ratio = sorted(ratios)[len(ratios) // 2]
-        return base * ratio, f"{task}/none x {ratio:.1f} (median {method}/none over {len(ratios)} tasks)"
-    return None, "no comparable row"
+    folders = sorted(out.glob("*/"))
+
+    def median_ratio(name: str) -> tuple[float | None, int]:
+        ratios = []
+        for folder in folders:
+            cost, none = stored_cost(folder / f"{name}.json"), stored_cost(folder / "none.json")
+            if cost is not None and none:
+                ratios.append(cost / none)
+        return (_upper_median(ratios) if ratios else None), len(ratios)
+
+    ratio, count = median_ratio(method)
+    if base is None or ratio is None:
+        return None, "no comparable row"
+    factors = []
+    for path in sorted((out / task).glob("*.json")):
+        other = path.stem
+        if other in ("none", method) or path.name.endswith(".error.json"):
+            continue
+        cost, typical = stored_cost(path), median_ratio(other)[0]
+        if cost is not None and typical:
+            factors.append(cost / base / typical)
+    basis = f"{task}/none x {ratio:.1f} (median {method}/none over {count} tasks)"
+    if not factors:
+        return base * ratio, basis
+    factor = _upper_median(factors)
+    rows = f"{len(factors)} row{'s' if len(factors) > 1 else ''}"
+    return base * ratio * factor, f"{basis} x {factor:.2f} (this task's factor over {rows})"
 
 
 def plan(args) -> int:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -215,3 +216,21 @@ def test_missing_model_package_stops_the_run_and_records_no_row_failure(tmp_path
         reproduce.main()
     assert calls == [("copa", "none")]
     assert list(out.rglob("*.error.json")) == []
+
+
+def test_plan_scales_an_estimate_by_what_the_task_costs_other_methods(tmp_path):
+    """A task whose searches cost more per ``none`` row than elsewhere (TruthfulQA) scales its missing cells by that
+    factor: caa costs 10 x none on tqa against 5 x elsewhere, so iti (2 x none elsewhere) is estimated at 4 x."""
+    reproduce = load_script("reproduce")
+    out = tmp_path / "results" / "m"
+    for task, none, caa, iti in [("copa", 600, 3000, 1200), ("sst2", 1200, 6000, 2400), ("tqa", 600, 6000, None)]:
+        (out / task).mkdir(parents=True)
+        for method, cpu in (("none", none), ("caa", caa), ("iti", iti)):
+            if cpu is not None:
+                (out / task / f"{method}.json").write_text(json.dumps({"accuracy": 0.5, "cpu_seconds": cpu}))
+    (out / "tqa" / "iti.error.json").write_text(json.dumps({"error": "stopped"}))  # a failed run is no cost
+    cost, basis = reproduce.estimate_cost(out, "tqa", "iti")
+    assert cost == pytest.approx(600 * 2 * 2)
+    assert basis == "tqa/none x 2.0 (median iti/none over 2 tasks) x 2.00 (this task's factor over 1 row)"
+    cost, basis = reproduce.estimate_cost(out, "copa", "fixed-head")  # no row of that method anywhere
+    assert cost is None and basis == "no comparable row"
