@@ -37,15 +37,15 @@ def row_metric(record: dict) -> str:
     return record.get("metric") or ("mc2" if record.get("task") == "truthfulqa_mc2" else "accuracy")
 
 
-def load_rows(task_folder: Path) -> dict[str, dict]:
-    """The stored restricted-choice accuracy rows of one task folder that carry per-example values, by method
-    (failed runs' ``.error.json`` files left out)."""
+def load_rows(task_folder: Path, metrics: Sequence[str] = ("accuracy",)) -> dict[str, dict]:
+    """The stored restricted-choice rows of one task folder that report one of ``metrics`` and carry per-example
+    values, by method (failed runs' ``.error.json`` files left out)."""
     rows = {}
     for path in sorted(task_folder.glob("*.json")):
         if path.name.endswith(".error.json"):
             continue
         record = json.loads(path.read_text(encoding="utf-8"))
-        if "per_example" in record and row_metric(record) == "accuracy" and record.get("protocol") == "choice":
+        if "per_example" in record and row_metric(record) in metrics and record.get("protocol") == "choice":
             rows[record["method"]] = record
     return rows
 

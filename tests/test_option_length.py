@@ -88,6 +88,33 @@ def test_analyse_style_splits_rows_by_the_gold_options_style(option_length):
     assert "In 1 of the 3 examples no option is a no-comment answer or a denial" in text
 
 
+def test_several_true_options_group_by_the_first_style_and_score_blind_rules_as_mass(option_length):
+    # TruthfulQA MC2: a set of true options per question, rows store the probability mass on them
+    choices = [["Paris.", "I have no comment.", "No, never.", "Rome."], ["No, it is not.", "Yes.", "Maybe."],
+               ["Red.", "Blue.", "Green.", "Nothing happens."]]
+    trues = [{1, 2}, {0, 2}, {0, 1}]  # a no comment among the true; a denial; neither (the denial is false)
+    assert [option_length.style_group([option_length.option_style(o) for o in c], t)
+            for c, t in zip(choices, trues)] == ["no comment", "denial", "other"]
+    rows = {"none": [0.5, 0.25, 0.5], "steered": [0.75, 0.5, 0.25]}
+    result = option_length.analyse_style(choices, trues, rows, {"steered": [1, 1, 3]})
+    rule = result["accuracy"]["pick no comment, else a denial"]
+    assert rule == {"all": pytest.approx(2 / 3), "no comment": 1.0, "denial": 1.0, "other": 0.0}
+    # spreading the mass evenly: 2 of 4, 2 of 3, 2 of 4 options true
+    assert result["accuracy"]["pick at random"] == {"all": pytest.approx(5 / 9), "no comment": 0.5,
+                                                    "denial": pytest.approx(2 / 3), "other": 0.5}
+    assert result["accuracy"]["steered"]["no comment"] == 0.75
+    assert result["picks"]["steered"] == {"no comment": pytest.approx(1 / 3), "denial": pytest.approx(1 / 3)}
+    result["metric"] = "mc2"
+    text = option_length.render(result, "truthfulqa_mc2", "results/x")
+    assert "MC2, the mean probability mass on the true options, in %" in text
+    assert "| row | all (n=3) | true: no comment (n=1) | true: denial (n=1) | true: other (n=1) | top no comment" in text
+    assert "| steered | 50.0 (+8.3) | 75.0 (+25.0) | 50.0 (+25.0) | 25.0 (-25.0) | 33.3 | 33.3 |" in text
+    # by length: a true option alone the longest wins over one alone the shortest
+    assert option_length.gold_group([5, 2, 3], {0, 1}) == "longest"
+    assert option_length.gold_group([5, 2, 3], {1, 2}) == "shortest"
+    assert option_length.blind_rule_accuracy([5, 5, 3], {0, 2}, "longest") == 0.5
+
+
 def test_analyse_rejects_rows_of_another_length(option_length):
     with pytest.raises(ValueError, match="row 'none' has 3 per-example values; the examples are 2"):
         option_length.analyse([[1, 2], [2, 1]], [0, 0], {"none": [1, 0, 1]})
@@ -100,7 +127,7 @@ def test_a_folder_without_rows_is_an_error_that_names_it(option_length, tmp_path
     (tmp_path / "copa" / "none.json").write_text('{"task": "copa", "method": "none", "metric": "accuracy", '
                                                  '"protocol": "choice", "accuracy": 0.5}')  # no per-example values
     assert option_length.main([str(tmp_path), "--task", "copa"]) == 2
-    assert f"{tmp_path / 'copa'} holds no choice-accuracy result with per-example values" in caplog.text
+    assert f"{tmp_path / 'copa'} holds no choice-accuracy (or MC2) result with per-example values" in caplog.text
 
 
 def test_rows_of_different_test_examples_are_refused(option_length, tmp_path, caplog):

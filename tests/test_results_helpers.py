@@ -41,6 +41,7 @@ def test_load_rows_keeps_choice_accuracy_rows_with_per_example_values(results, t
     row("random-head", per_example=[0.2, 0.4], task="truthfulqa_mc2")  # old MC2 row: probability mass
     (tmp_path / "sadi-head-last.error.json").write_text(json.dumps({"method": "sadi-head-last"}))
     assert sorted(results.load_rows(tmp_path)) == ["caa", "none"]
+    assert sorted(results.load_rows(tmp_path, metrics=("accuracy", "mc2"))) == ["caa", "none", "random-head"]
 
 
 def test_paired_counts_discordant_examples_and_tests_only_binary_values(results):
