@@ -100,6 +100,27 @@ def test_report_flags_partial_averages_and_lists_the_chosen_hyperparameters(tmp_
     assert "every row" not in text and "| sadi-head-last | 100.00 (n=4) | 25.00 (n=4) | 62.50 |" in text
 
 
+def test_bootstrap_interval_is_the_percentile_interval_of_resampled_means():
+    """The shared resample counts give what indexing the values with each resample's draws gives: exactly for 0/1
+    differences, to float rounding for fractional ones (MC2)."""
+    import torch
+
+    from sadi_peft.cli.report import bootstrap_interval
+
+    def direct(values, resamples=2_000, seed=3):
+        v = torch.tensor(values, dtype=torch.float64)
+        draws = torch.randint(len(v), (resamples, len(v)), generator=torch.Generator().manual_seed(seed))
+        return torch.quantile(v[draws].mean(1), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+
+    generator = torch.Generator().manual_seed(0)
+    binary = (torch.randint(3, (97,), generator=generator) - 1).tolist()  # differences of 0/1 values
+    fractional = (torch.rand(97, generator=generator) - 0.4).tolist()
+    assert list(bootstrap_interval(binary, resamples=2_000, seed=3)) == direct(binary)
+    assert bootstrap_interval(fractional, resamples=2_000, seed=3) == pytest.approx(direct(fractional), abs=1e-12)
+    low, high = bootstrap_interval(fractional, resamples=2_000, seed=3)
+    assert low < sum(fractional) / len(fractional) < high
+
+
 def test_report_paired_compares_methods_on_the_same_examples(tmp_path):
     from sadi_peft.cli import report
 

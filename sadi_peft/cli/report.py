@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 from pathlib import Path
@@ -118,14 +119,25 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail / 2**n)
 
 
+@functools.lru_cache(maxsize=4)
+def _resample_counts(n: int, resamples: int, seed: int):
+    """``[resamples, n]``: how often each example is drawn in each seeded resample. The draws depend only on ``n``
+    and the seed, so every comparison on the same examples shares them (a results table makes hundreds)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(n, (resamples, n), generator=generator)
+    counts = torch.zeros(resamples, n, dtype=torch.float64)
+    return counts.scatter_add_(1, draws, torch.ones(resamples, n, dtype=torch.float64))
+
+
 def bootstrap_interval(differences: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
     """95 % percentile interval of the mean of ``differences`` over ``resamples`` seeded bootstrap resamples of the
     examples (paired: each resample keeps both methods' values of an example together)."""
     import torch  # the report needs no torch otherwise
 
     values = torch.tensor(differences, dtype=torch.float64)
-    generator = torch.Generator().manual_seed(seed)
-    means = values[torch.randint(len(values), (resamples, len(values)), generator=generator)].mean(1)
+    means = _resample_counts(len(values), resamples, seed) @ values / len(values)
     low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return low, high
 
