@@ -54,8 +54,9 @@ METHODS = [
 # the authors' grids (sadi-method.md section 4.4), cut to what a 2-core CPU run can afford; gain = 1 + delta
 K_GRID = {"head": [1, 2, 4, 6, 8, 10], "neuron": [3, 10, 30, 100, 300], "hidden": [1, 2, 4, 8, 16]}
 DELTA_GRID = [4.0, 9.0, 14.0, 24.0, 34.0]
-# positions="all" has no prefix cache (every token is steered), so each point costs full forwards: a 3 x 4 grid,
-# with milder gains since every token of the prompt and answer is scaled
+# positions="all" has no prefix cache shared across points (every token is steered), so each point runs its prompts
+# again (once per prompt, shared by its options, where an option is longer than one token): a 3 x 4 grid, with
+# milder gains since every token of the prompt and answer is scaled
 ALL_GRID = {"head": ([1, 4, 10], [0.5, 2.0, 4.0, 9.0]), "neuron": ([3, 30, 300], [0.5, 2.0, 4.0, 9.0]),
             "hidden": ([1, 4, 16], [0.5, 2.0, 4.0, 9.0])}
 # CAA and ITI add their vector from the last prompt token on ("from_last": CAA's "after the instruction", ITI's
@@ -84,8 +85,8 @@ def evaluate_test(args, task, model, tokenizer, test, prefix_cached: bool = Fals
     and was gold (so that a method that only moves the model to always giving one answer shows as such), and each
     example's predicted option index (``predicted``, for analyses such as ``scripts/option_length.py``).
 
-    ``prefix_cached``: each prompt's prefix runs once for all its options (same scores up to float rounding; only
-    for interventions that leave the tokens before the last prompt token alone). Recorded as ``test_scoring``."""
+    ``prefix_cached``: each prompt's prefix runs once for all its options, under the intervention (same scores up to
+    float rounding). Recorded as ``test_scoring``."""
     paired = {"examples_digest": examples_digest(test)}
     if generative(task):
         items = items_of(tokenizer, task, test, args.max_new_tokens)
@@ -198,9 +199,11 @@ def run_one(args, task, method: str, only_point: dict | None = None) -> dict:
         sadi_peft.apply_top_k(model, best["top_k"])
         sadi_peft.set_delta(model, best["delta"])
         scored = evaluate_test(args, task, model, tokenizer, test,
-                               prefix_cached=args.prefix_cached_test and positions == "last")
+                               prefix_cached=args.prefix_cached_test)
         if args.save_adapters:  # the chosen adapter, before the result file that vouches for it
             model.save_pretrained(args.out / task.name / f"{method}.adapter")
+        if positions == "all":  # rows written before 2026-12-07 ran prompt + option in full for every option
+            record["search_scoring"] = "shared-prefix"
         record.update(scored,
                       chosen={"top_k": best["top_k"], "delta": best["delta"]}, validation_accuracy=best["metric"],
                       grid=[{"top_k": r["top_k"], "delta": r["delta"], "accuracy": r["metric"]} for r in results])
@@ -239,10 +242,7 @@ def run_one(args, task, method: str, only_point: dict | None = None) -> dict:
             selection = base.select_on_validation(model, tokenizer, validation_items[:1], [point], "validation",
                                                   batch_size=args.batch_size)
         with selection.baseline.apply(model):
-            # the SADI-based baselines run at positions="last"; CAA and ITI at ADDITIVE_POSITIONS
-            leaves_prefix = method in ("random-head", "fixed-head") or ADDITIVE_POSITIONS in ("last", "from_last")
-            scored = evaluate_test(args, task, model, tokenizer, test,
-                                   prefix_cached=args.prefix_cached_test and leaves_prefix)
+            scored = evaluate_test(args, task, model, tokenizer, test, prefix_cached=args.prefix_cached_test)
         grid_rows = [{k: v for k, v in r.items() if k not in ("scores", "accuracy")} | {"accuracy": value}
                      for r, value in zip(points, values)]
         record.update(scored, chosen=selection.best,
@@ -398,7 +398,8 @@ def main() -> int:
     parser.add_argument("--full-test-passes", dest="prefix_cached_test", action="store_false",
                         help="score the test split with prompt + option in full for every option (the scorer of "
                              "rows written before 2026-12-05) instead of one prompt-prefix KV cache per item shared "
-                             "by its options (the default, except for positions='all'; same scores up to float "
+                             "by its options (the default; the prefix runs under the intervention, so this holds for "
+                             "every method, positions='all' included, from 2026-12-07 on; same scores up to float "
                              "rounding, several times faster on TruthfulQA)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-save-adapters", dest="save_adapters", action="store_false",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -362,10 +363,22 @@ def test_prefix_cached_evaluation_runs_each_prompt_once():
     assert rows[1][1] == 1 + longest_option
 
 
-def test_prefix_cached_evaluation_refuses_adapters_that_steer_every_position():
-    model = _sadi_model(positions="all")
-    with pytest.raises(ValueError, match="positions='last'.*prefix_cached=False"):
-        B.evaluate_items(model, TOK, ITEMS, prefix_cached=True)
+@pytest.mark.parametrize("name", ["sadi-all", "caa", "iti"])
+def test_prefix_cached_evaluation_is_exact_where_every_position_is_steered(fitted, name):
+    """The prefix runs under the intervention, so its cache is the steered one: a SADI adapter at positions='all'
+    and the additive baselines at every position score as in full passes."""
+    model = _sadi_model(positions="all", delta=10.0)
+    with model.disable_adapter():
+        unsteered = B.evaluate_items(model, TOK, ITEMS, batch_size=3)["scores"]
+    # the SADI adapter steers every position; the baselines add their hooks on top of it
+    steering = nullcontext() if name == "sadi-all" else dataclasses.replace(fitted[name], positions="all").apply(model)
+    with steering:
+        full = B.evaluate_items(model, TOK, ITEMS, batch_size=3)
+        cached = B.evaluate_items(model, TOK, ITEMS, batch_size=4, prefix_cached=True)
+    torch.testing.assert_close(cached["scores"], full["scores"], atol=1e-5, rtol=0)
+    assert cached["accuracy"] == full["accuracy"]
+    real = unsteered.isfinite()  # -inf pads items with fewer options
+    assert (full["scores"][real] - unsteered[real]).abs().max() > 1e-3  # the intervention is on
 
 
 # ------------------------------------------------------------------------------------------- errors

@@ -65,7 +65,8 @@ def test_cached_search_refuses_all_positions():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task, positions", [("sst2", "last"), ("triviaqa", "last"), ("sst2", "all")])
+@pytest.mark.parametrize("task, positions", [("sst2", "last"), ("triviaqa", "last"), ("sst2", "all"),
+                                            ("truthfulqa_mc1", "all")])
 def test_search_cache_benchmark_smoke(tmp_path, smollm2_path, data_dir, task, positions):
     import json
     import os
@@ -82,8 +83,9 @@ def test_search_cache_benchmark_smoke(tmp_path, smollm2_path, data_dir, task, po
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "sc.json").read_text())
     assert report["identical_accuracies"] and {"naive_median_s", "cached_median_s", "ratio"} <= set(report)
-    assert report["task"] == task and report["protocol"] == ("choice" if task == "sst2" else "generate")
+    assert report["task"] == task and report["protocol"] == ("generate" if task == "triviaqa" else "choice")
     assert report["positions"] == positions
+    assert ("shared_ratio" in report) == (positions == "all")
 
 
 @pytest.mark.parametrize("positions", ["last", "all"])
@@ -149,7 +151,8 @@ def test_all_positions_search_skipping_unsteered_layers_equals_full_passes(varia
 
     layer_replay.LayerReplay.replay = counting
     try:
-        fast = grid_search(model, TOK, items, grid, cached=False, batch_size=3, show_progress=False)
+        fast = grid_search(model, TOK, items, grid, cached=False, batch_size=3, show_progress=False,
+                           share_prefix=False)
     finally:
         layer_replay.LayerReplay.replay = original
     full = grid_search(model, TOK, items, grid, cached=False, batch_size=3, show_progress=False, skip_layers=False)
@@ -162,6 +165,34 @@ def test_all_positions_search_skipping_unsteered_layers_equals_full_passes(varia
     # the adapter is left at the last grid point, and no layer keeps a patched forward
     assert model.peft_config["default"].top_k == grid[-1][0]
     assert all("forward" not in vars(layer) for layer in layer_replay.decoder_layers(model))
+
+
+@pytest.mark.parametrize("variant", ["head", "neuron", "hidden"])
+def test_all_positions_search_sharing_each_prompt_among_its_options_equals_full_passes(variant):
+    """positions='all', share_prefix=True: per point, each prompt runs once under the point's gains and its cache
+    serves all the item's options. Same scores as prompt + option in full for each option; batches of single-token
+    options keep one row per item."""
+    model = get_peft_model(tiny_llama(num_hidden_layers=3),
+                           sadi_peft.SADIConfig(variant=variant, top_k=1, positions="all"))
+    sadi_peft.calibrate(model, TOK, PAIRS, show_progress=False)
+    items = [encode_choice_item(TOK, p, c, y) for p, c, y in EXAMPLES]
+    grid = [(1, 0.5), (2, 9.0), (4, 30.0)]
+    rows = []
+    embed = model.get_base_model().get_input_embeddings()
+    handle = embed.register_forward_hook(lambda m, args, out: rows.append(tuple(args[0].shape)))
+    try:
+        shared = grid_search(model, TOK, items, grid, cached=False, batch_size=len(items), show_progress=False)
+    finally:
+        handle.remove()
+    full = grid_search(model, TOK, items, grid, cached=False, batch_size=len(items), show_progress=False,
+                       skip_layers=False, share_prefix=False)
+    for a, b in zip(shared, full):
+        torch.testing.assert_close(a["scores"], b["scores"], atol=1e-5, rtol=0)
+        assert a["accuracy"] == b["accuracy"]
+    assert not torch.allclose(full[0]["scores"], full[-1]["scores"])  # the points differ
+    # one batch, multi-token options: per point a prefix forward of one row per item, then the option rows
+    options = sum(len(c) for _, c, _ in EXAMPLES)
+    assert [r[0] for r in rows] == [len(items), options] * len(grid)
 
 
 def test_layer_replay_refuses_mismatched_passes():

@@ -70,7 +70,6 @@ from tqdm.auto import tqdm
 import sadi_peft
 from sadi_peft.architectures import ARCHITECTURES, num_attention_heads
 from sadi_peft.calibration import normalize_pair
-from sadi_peft.config import SADIConfig
 from sadi_peft.harness.generation import GenerationItem, exact_match, generate_under
 from sadi_peft.harness.search import ChoiceItem, accuracy_of, encode_choice_item, score_naive, score_under
 from sadi_peft.layer import SADILayer, prompt_end_positions
@@ -459,27 +458,21 @@ def evaluate_items(
     ``{"accuracy", "n", "scores"}`` with :func:`~sadi_peft.harness.search.score_naive` scores, ``batch_size``
     (prompt, option) sequences per forward, sorted by length across the whole set.
 
-    ``prefix_cached=True``: each prompt minus its last token runs once, and its KV cache serves every option of the
-    item (:class:`~sadi_peft.harness.search.CachedBatch`; ``batch_size`` items of similar length per forward). Same scores up
-    to float rounding (tested), several times faster when options are many and prompts long (TruthfulQA's six-shot
-    primer). Valid only when nothing steers the tokens before the last prompt token: the unsteered model, SADI with
-    ``positions="last"``, additive baselines with ``"last"`` / ``"from_last"``. A SADI adapter with another
-    ``positions`` is refused; for a hook baseline with ``positions="all"`` the caller must keep the default.
+    ``prefix_cached=True``: each prompt minus its last token runs once, under the model's intervention, and its KV
+    cache serves every option of the item (:class:`~sadi_peft.harness.search.CachedBatch`; ``batch_size`` items of
+    similar length per forward). Same scores up to float rounding (tested) for any intervention (attention is
+    causal), several times faster when options are many and prompts long (TruthfulQA's six-shot primer).
 
     ``distributed=True``: every process of the ``torch.distributed`` group passes the same items, scores its shard,
     and gets the accuracy and scores of all items (:func:`sadi_peft.harness.distributed.evaluate_items_distributed`).
     """
     if prefix_cached:
-        steering_all = [name for name, config in getattr(model, "peft_config", {}).items()
-                        if isinstance(config, SADIConfig) and config.positions != "last"]
-        if steering_all:
-            raise ValueError(f"prefix_cached=True needs every SADI adapter at positions='last'; {steering_all} steer "
-                             "other positions, which changes the prompt's KV cache. Use prefix_cached=False.")
         if distributed:
             raise ValueError("prefix_cached=True and distributed=True cannot be combined; pass one of them.")
         prepared = prepare_items(tokenizer, items, strip_prompt=strip_prompt)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        scores = score_under(model, prepared, [nullcontext], pad_token_id=pad, cached=True, batch_size=batch_size)[0]
+        scores = score_under(model, prepared, [nullcontext], pad_token_id=pad, cached=False, share_prefix=True,
+                             batch_size=batch_size)[0]
         return {"accuracy": accuracy_of(scores, prepared), "n": len(prepared), "scores": scores}
     if distributed:
         from sadi_peft.harness.distributed import evaluate_items_distributed

@@ -6,6 +6,11 @@ and for every grid point runs only the last prompt token plus the answer options
 back afterwards. The naive search runs prompt + option in full for every grid point. Both give the same scores (up
 to float rounding of the attention kernels), so the same accuracies — tested.
 
+Where every token is steered (``positions="all"``) the prefix changes with each point, but it is still the same for
+all options of an example: the shared-prefix search runs it once per example and point, under the point's
+intervention, and its KV cache serves every option (TruthfulQA's six-shot primer is then run once instead of once
+per option). Exact for any intervention, since attention is causal — tested.
+
 Scores are length-normalised: the mean log-probability of an option's tokens after ``prompt + separator``.
 Uses only sadi_peft's public API.
 """
@@ -163,10 +168,16 @@ class CachedBatch:
     """A batch of examples with the KV cache of their prompts minus the last token, ready for many grid points.
 
     Each prompt prefix runs once, however many options its item has: the cache is computed on one row per item and
-    then copied to the item's option rows (a multi-token option needs a row of its own)."""
+    then copied to the item's option rows (a multi-token option needs a row of its own).
 
-    def __init__(self, model, items: Sequence[ChoiceItem], pad_token_id: int) -> None:
-        self.model, self.items = model, items
+    ``steered_prefix=False``: the prefix runs once, here, with no intervention, and every :meth:`score` continues
+    from that cache (valid only when no point changes the tokens before the last prompt token).
+    ``steered_prefix=True``: each :meth:`score` runs the prefix again, under whatever intervention is active, so the
+    scores are those of full passes for any intervention; the saving is that a prompt runs once for all its
+    options rather than once per option."""
+
+    def __init__(self, model, items: Sequence[ChoiceItem], pad_token_id: int, *, steered_prefix: bool = False) -> None:
+        self.model, self.items, self.steered_prefix = model, items, steered_prefix
         # one row per option; one row per item when its options are single tokens (all read at the last prompt token)
         self.rows: list[tuple[int, Optional[int]]] = []
         for i, item in enumerate(items):
@@ -198,28 +209,40 @@ class CachedBatch:
         self.suffix_positions = (lengths.unsqueeze(1) + torch.arange(S)).to(device)
         # the steered token is the first suffix column, absolute position L in the padded layout
         self.pin = torch.cat([torch.ones(R, L + 1, dtype=torch.long), torch.zeros(R, S - 1, dtype=torch.long)], 1).to(device)
-        self.cache = None
+        self._prefix = None
         if L > 0:
-            positions = (item_mask.cumsum(-1) - 1).clamp(min=0).to(device)
-            # only the cache is wanted: project the vocabulary at one position, not at all of them (Gemma 3's
-            # 262k-token vocabulary at 16 x 1 900 MMLU prefix tokens would take 31 GB of logits)
-            keep = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
-            # the prompt end is pinned past the prefix: no gain or hook-based baseline touches these tokens, and
-            # every other adapter (a LoRA under the SADI adapter) stays active, as it is for the suffix
-            with torch.no_grad(), sadi_peft.prompt_boundary(model, self.pin[: len(items)]):
-                out = model(input_ids=prefix_ids.to(device), attention_mask=item_mask.to(device),
-                            position_ids=positions, use_cache=True, **keep)
-            self.cache = out.past_key_values
+            positions = (item_mask.cumsum(-1) - 1).clamp(min=0)
+            self._prefix = (prefix_ids.to(device), item_mask.to(device), positions.to(device),
+                            None if R == len(items) else row_item.to(device))
+        self.cache = None
+        if self._prefix is not None and not steered_prefix:
+            self.cache = self._prefix_cache()
             prepare_rollback(self.cache)
-            if R != len(items):  # one cache row per option row
-                self.cache.batch_select_indices(row_item.to(device))
+
+    def _prefix_cache(self):
+        """The KV cache of the prompt prefixes under the active intervention, one row per option row."""
+        model, (ids, mask, positions, row_item) = self.model, self._prefix
+        # only the cache is wanted: project the vocabulary at one position, not at all of them (Gemma 3's
+        # 262k-token vocabulary at 16 x 1 900 MMLU prefix tokens would take 31 GB of logits)
+        keep = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
+        # the prompt end is pinned past the prefix: a positions="last" gain or a hook-based baseline at the last
+        # token touches none of these tokens, and every other adapter (a LoRA under the SADI adapter, a gain at
+        # every position) acts as it does in a full pass
+        with torch.no_grad(), sadi_peft.prompt_boundary(model, self.pin[: len(self.items)]):
+            cache = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                          **keep).past_key_values
+        if row_item is not None:  # one cache row per option row
+            cache.batch_select_indices(row_item)
+        return cache
 
     def score(self) -> torch.Tensor:
-        """Scores at the adapter's current mask and delta (the cache is cropped back afterwards)."""
+        """Scores under the active intervention (the adapter's current mask and delta, a baseline's hooks); a cache
+        that outlives the call is cropped back to the prefix afterwards."""
         model = self.model
+        cache = self._prefix_cache() if self.steered_prefix and self._prefix is not None else self.cache
         with torch.no_grad(), sadi_peft.prompt_boundary(model, self.pin):
             out = model(input_ids=self.suffix_ids, attention_mask=self.attention, position_ids=self.suffix_positions,
-                        past_key_values=self.cache, use_cache=self.cache is not None)
+                        past_key_values=cache, use_cache=cache is not None)
         if self.cache is not None:
             crop_cache(self.cache, self.prefix_len)
         logprobs = torch.log_softmax(out.logits.float(), -1)
@@ -258,6 +281,7 @@ def score_under(
     desc: str = "grid search",
     depths: Optional[Sequence[int]] = None,
     max_logits_bytes: int = MAX_LOGITS_BYTES,
+    share_prefix: bool = False,
 ) -> list[torch.Tensor]:
     """Scores of ``items`` under each intervention: ``contexts[g]()`` opens grid point ``g`` (sets a mask and delta,
     registers a baseline's hooks ...) for the forwards run inside it. Returns one ``[n_items, options]`` tensor per
@@ -266,6 +290,12 @@ def score_under(
     ``cached=True`` runs each batch's prompt prefix once, with no intervention, and every point only on the last
     prompt token + options: valid only when no point changes the tokens before the last prompt token (a SADI
     adapter with ``positions="last"``, an additive baseline with ``"last"`` or ``"from_last"``). The caller checks.
+
+    ``share_prefix=True`` (``cached=False`` only; valid for any intervention): in a batch where some option is
+    longer than one token (one row per option), every point runs each prompt prefix once, under its intervention,
+    and continues all the item's options from that cache (:class:`CachedBatch` with ``steered_prefix=True``)
+    instead of running prompt + option once per option. Batches of single-token options (one row per item) take the
+    path below.
 
     ``depths`` (``cached=False`` only): ``depths[g]`` is the lowest decoder layer point ``g`` steers. Per batch the
     deepest point runs in full and records the inputs of the other points' first steered layers; the others start
@@ -290,10 +320,11 @@ def score_under(
     by_length = sorted(range(len(items)), key=lambda i: len(items[i].prompt_ids) + max(map(len, items[i].option_ids)))
     batches = item_batches([items[i] for i in by_length], batch_size, _vocab_size(model), max_logits_bytes)
     for batch in tqdm(batches, desc=desc, disable=not show_progress):
-        prepared = CachedBatch(model, batch, pad_token_id) if cached else None
+        shared = share_prefix and not cached and any(len(o) > 1 for item in batch for o in item.option_ids)
+        prepared = CachedBatch(model, batch, pad_token_id, steered_prefix=shared) if cached or shared else None
         for rank, g in enumerate(order):
             with contexts[g]():
-                if cached:
+                if prepared is not None:
                     parts[g].append(prepared.score())
                 elif replay is None:
                     parts[g].append(score_naive(model, batch, pad_token_id))
@@ -350,13 +381,16 @@ def grid_search(
     show_progress: bool = True,
     skip_layers: bool = True,
     max_logits_bytes: int = MAX_LOGITS_BYTES,
+    share_prefix: bool = True,
 ) -> list[dict[str, Any]]:
     """Accuracy of every (K, delta) grid point on ``items`` (a validation split: choose on it, never on test).
 
     ``model`` carries a calibrated SADI adapter (its stored scores are re-cut for each K); ``cached=True`` needs
     ``positions="last"``. With ``cached=False`` and ``skip_layers=True`` each point runs only the decoder layers from
     its lowest steered one up, fed the states that one full pass per batch recorded there (exact; see
-    :mod:`sadi_peft.harness.layer_replay`). ``batch_size`` items per forward, fewer where their logits would pass
+    :mod:`sadi_peft.harness.layer_replay`); with ``cached=False`` and ``share_prefix=True`` a batch with multi-token
+    options runs each prompt once per point for all its options instead (see :func:`score_under`; exact, and the
+    larger saving when prompts are long and options many). ``batch_size`` items per forward, fewer where their logits would pass
     ``max_logits_bytes`` (large vocabularies, many long options). Returns one dict per grid point: ``top_k``, ``delta``, ``accuracy``,
     ``n``, ``scores``; the adapter is left at the last grid point.
     """
@@ -370,7 +404,8 @@ def grid_search(
                 depths.append(first_steered_layer(model, name))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = score_under(model, items, contexts, pad_token_id=pad, cached=cached, batch_size=batch_size,
-                         show_progress=show_progress, depths=depths, max_logits_bytes=max_logits_bytes)
+                         show_progress=show_progress, depths=depths, max_logits_bytes=max_logits_bytes,
+                         share_prefix=share_prefix)
     with contexts[-1]():  # leave the adapter at the last grid point (the points may have run in another order)
         pass
     return [{"top_k": k, "delta": d, "accuracy": accuracy_of(s, items), "n": len(items), "scores": s}
