@@ -295,14 +295,19 @@ def add_per_example(args, task, method: str, path: Path) -> bool:
     return True
 
 
-def stored_cost(path: Path) -> float | None:
-    """CPU seconds a stored result took (wall seconds for a row that has no CPU time), or None. CPU time first,
-    because wall times on shared cores depend on what else ran beside the job."""
+def _stored_record(path: Path) -> dict | None:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    cost = record.get("cpu_seconds") or record.get("wall_seconds")
+    return record if isinstance(record, dict) else None
+
+
+def stored_cost(path: Path) -> float | None:
+    """CPU seconds a stored result took (wall seconds for a row that has no CPU time), or None. CPU time first,
+    because wall times on shared cores depend on what else ran beside the job."""
+    record = _stored_record(path)
+    cost = record and (record.get("cpu_seconds") or record.get("wall_seconds"))
     return float(cost) if cost else None
 
 
@@ -317,13 +322,26 @@ def estimate_cost(out: Path, task: str, method: str) -> tuple[float | None, str]
     other way round). Otherwise the task's ``none`` row in ``out`` times the median ratio method / none over the
     tasks of ``out`` that have both, times the task's own factor: the median, over the other methods already run
     on the task, of how much their ratio to ``none`` there exceeds their median ratio (TruthfulQA's searches cost
-    more per ``none`` than other tasks'; without rows on the task the factor is 1). Otherwise unknown."""
+    more per ``none`` than other tasks'; without rows on the task the factor is 1). Otherwise unknown.
+
+    Between the two, for a ``sadi-*-all`` cell: the median cost of the task's other ``sadi-*-all`` rows searched
+    with the shared prompt (``"search_scoring": "shared-prefix"``, from 2026-12-07; the three variants search grids
+    of one size). The ratios to ``none`` come mostly from older rows that ran prompt + option in full for every
+    option, several times the cost on tasks with long options (TruthfulQA: 63 CPU minutes measured against 192
+    estimated that way)."""
     model = out.name.split("-seed")[0]
     siblings = [d for d in sorted(out.parent.glob(f"{model}*")) if d != out and d.name.split("-seed")[0] == model]
     for sibling in siblings:
         cost = stored_cost(sibling / task / f"{method}.json")
         if cost is not None:
             return cost, f"same cell in {sibling}"
+    if method.startswith("sadi-") and method.endswith("-all"):
+        peers = [cost for path in sorted((out / task).glob("sadi-*-all.json"))
+                 if path.stem != method and (_stored_record(path) or {}).get("search_scoring") == "shared-prefix"
+                 and (cost := stored_cost(path)) is not None]
+        if peers:
+            rows = f"{len(peers)} row{'s' if len(peers) > 1 else ''}"
+            return _upper_median(peers), f"{task}'s sadi-*-all rows searched with the shared prompt ({rows})"
     base = stored_cost(out / task / "none.json")
     folders = sorted(out.glob("*/"))
 

@@ -234,3 +234,23 @@ def test_plan_scales_an_estimate_by_what_the_task_costs_other_methods(tmp_path):
     assert basis == "tqa/none x 2.0 (median iti/none over 2 tasks) x 2.00 (this task's factor over 1 row)"
     cost, basis = reproduce.estimate_cost(out, "copa", "fixed-head")  # no row of that method anywhere
     assert cost is None and basis == "no comparable row"
+
+
+def test_plan_estimates_an_all_positions_cell_from_the_tasks_shared_prefix_rows(tmp_path):
+    """A sadi-*-all cell is estimated from the task's other sadi-*-all rows searched with the shared prompt, not
+    from ratios that older full-pass rows set (several times the cost on TruthfulQA)."""
+    reproduce = load_script("reproduce")
+    out = tmp_path / "results" / "m"
+    rows = {("copa", "none"): (100, None), ("copa", "sadi-head-all"): (1000, None),  # ratio 10 x none, full passes
+            ("tqa", "none"): (600, None), ("tqa", "sadi-head-all"): (1800, "shared-prefix"),
+            ("tqa", "sadi-hidden-all"): (9000, None)}  # an old full-pass row on the task is not a peer
+    for (task, method), (cpu, scoring) in rows.items():
+        (out / task).mkdir(parents=True, exist_ok=True)
+        record = {"accuracy": 0.5, "cpu_seconds": cpu} | ({"search_scoring": scoring} if scoring else {})
+        (out / task / f"{method}.json").write_text(json.dumps(record))
+    cost, basis = reproduce.estimate_cost(out, "tqa", "sadi-neuron-all")
+    assert cost == 1800 and basis == "tqa's sadi-*-all rows searched with the shared prompt (1 row)"
+    cost, basis = reproduce.estimate_cost(out, "copa", "sadi-hidden-all")  # no shared-prefix row on copa: ratios
+    assert cost == pytest.approx(100 * 9000 / 600) and basis.startswith("copa/none x 15.0")
+    cost, _ = reproduce.estimate_cost(out, "tqa", "iti")  # other methods keep the ratio estimate
+    assert cost is None
