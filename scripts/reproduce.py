@@ -142,7 +142,7 @@ def calibrated(args, task, model, tokenizer, pairs, variant: str, positions: str
     layers = [layer for _, layer in sadi_peft.model.sadi_layers(model, "default")]
     key = (task.name, variant)
     if key not in _CALIBRATION_CACHE:
-        sadi_peft.calibrate(model, tokenizer, pairs, batch_size=args.batch_size, show_progress=False)
+        sadi_peft.calibrate(model, tokenizer, pairs, batch_size=args.batch_size, show_progress=args.progress)
         _CALIBRATION_CACHE[key] = ([layer.sadi_scores["default"].clone() for layer in layers],
                                    dict(model.peft_config["default"].calibration or {}))
         return model
@@ -192,7 +192,7 @@ def run_one(args, task, method: str, only_point: dict | None = None) -> dict:
             grid = [(only_point["top_k"], only_point["delta"])]
         search = generation_grid_search if generative(task) else grid_search
         results = search(model, tokenizer, validation_items, grid, cached=(positions == "last"),
-                         batch_size=args.search_batch_size, show_progress=False)
+                         batch_size=args.search_batch_size, show_progress=args.progress)
         for r in results:
             r["metric"] = r["accuracy"] if generative(task) else task_metric(task, validation, r["scores"])
         best = max(results, key=lambda r: (r["metric"], -r["top_k"], -r["delta"]))
@@ -218,22 +218,24 @@ def run_one(args, task, method: str, only_point: dict | None = None) -> dict:
             if method == "random-head":
                 base = baselines.RandomMask(k=1, seed=args.seed)
             else:
-                base = baselines.fit_fixed_steering(model, tokenizer, pairs, batch_size=args.batch_size)
+                base = baselines.fit_fixed_steering(model, tokenizer, pairs, batch_size=args.batch_size,
+                                                   show_progress=args.progress)
         elif method == "caa":
-            base = baselines.fit_caa(model, tokenizer, pairs, batch_size=args.batch_size, positions=ADDITIVE_POSITIONS)
+            base = baselines.fit_caa(model, tokenizer, pairs, batch_size=args.batch_size, positions=ADDITIVE_POSITIONS,
+                                    show_progress=args.progress)
             n_layers = base.vectors.shape[0]
             layers = range(0, n_layers, max(1, n_layers // 10))  # about 10 evenly spaced layers
             grid = [(layer, alpha) for layer in layers for alpha in CAA_ALPHAS]
         elif method == "iti":
             base = baselines.fit_iti(model, tokenizer, pairs, seed=args.seed, batch_size=args.batch_size,
-                                     positions=ADDITIVE_POSITIONS)
+                                     positions=ADDITIVE_POSITIONS, show_progress=args.progress)
             grid = [(k, a) for k, a in ITI_GRID if k <= len(base.ranking)]
         else:
             raise ValueError(f"unknown method {method!r}; known: {METHODS}")
         if only_point is not None:
             grid = [dict(only_point)]
         selection = base.select_on_validation(model, tokenizer, validation_items, grid, "validation",
-                                              batch_size=args.search_batch_size)
+                                              batch_size=args.search_batch_size, show_progress=args.progress)
         points = selection.results
         values = [task_metric(task, validation, r["scores"]) for r in points]
         best_index = values.index(max(values))  # first maximum, as the selection does for accuracy
@@ -424,6 +426,9 @@ def main() -> int:
                         help="do not save the chosen SADI adapters (default: <out>/<task>/<method>.adapter/)")
     parser.add_argument("--limit", type=int, default=None, help="cap every split (smoke runs only)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars for calibration, fits and validation searches (default: on when stderr "
+                             "is a terminal, off in a log file)")
     parser.add_argument("--add-per-example", action="store_true",
                         help="instead of running missing results, add the per-example test values (for `sadi-peft "
                              "report --paired`) and, for choice tasks, each example's predicted option (for "
@@ -435,6 +440,8 @@ def main() -> int:
                              "stored rows (CPU minutes), and exit without loading a model")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.progress is None:
+        args.progress = sys.stderr.isatty()
     if args.plan:
         return plan(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

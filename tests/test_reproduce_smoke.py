@@ -29,6 +29,7 @@ def test_reproduce_smoke_and_resume(tmp_path, smollm2_path, data_dir):
     stale.write_text('{"error": "MemoryError()"}')
     first = run(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "SADI calibration" not in first.stderr and "grid search" not in first.stderr  # no bars in a log file
     files = sorted(p.name for p in (tmp_path / "results" / "copa").glob("*.json"))
     assert files == ["caa.json", "none.json", "random-head.json", "sadi-head-last.json"]
     record = json.loads((tmp_path / "results" / "copa" / "sadi-head-last.json").read_text())
@@ -61,8 +62,9 @@ def test_reproduce_smoke_and_resume(tmp_path, smollm2_path, data_dir):
             old = {k: v for k, v in r.items() if k != "predicted"}
         (folder / f"{method}.json").write_text(json.dumps(old))
     tampered = (folder / "caa.json").read_text()
-    rescored = run(*args, "--add-per-example", cwd=tmp_path)
+    rescored = run(*args, "--add-per-example", "--progress", cwd=tmp_path)
     assert rescored.returncode == 1 and "differs from the stored" in rescored.stderr
+    assert "SADI calibration" in rescored.stderr and "grid search" in rescored.stderr  # --progress: bars anyway
     assert (folder / "caa.json").read_text() == tampered
     for method in ("none", "sadi-head-last", "random-head"):
         again = json.loads((folder / f"{method}.json").read_text())
