@@ -317,6 +317,41 @@ def _upper_median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
+def _is_generative(task_name: str) -> bool:
+    try:
+        return generative(get_task(task_name))
+    except KeyError:  # a folder that is not a registered task
+        return False
+
+
+def _grid_size(path: Path) -> int | None:
+    grid = (_stored_record(path) or {}).get("grid")
+    return len(grid) if isinstance(grid, list) and grid else None
+
+
+def _other_models_ratio(out: Path, task: str, method: str) -> tuple[float | None, str]:
+    """Ratio method / none of the same task in other models' folders beside ``out`` (median), each scaled by this
+    model's grid size for the method (from any of its rows) over that row's."""
+    model = out.name.split("-seed")[0]
+    here = [size for path in sorted(out.glob(f"*/{method}.json")) if (size := _grid_size(path))]
+    ratios, sources = [], []
+    for folder in sorted(out.parent.glob("*/")):
+        if folder.name.split("-seed")[0] == model:
+            continue
+        row = folder / task / f"{method}.json"
+        cost, none, there = stored_cost(row), stored_cost(folder / task / "none.json"), _grid_size(row)
+        if cost is None or not none:
+            continue
+        scale = _upper_median(here) / there if here and there else 1.0
+        ratios.append(cost / none * scale)
+        sources.append(folder.name + (f" x {scale:.2f} for {_upper_median(here)} grid points against {there}"
+                                      if scale != 1.0 else ""))
+    if not ratios:
+        return None, ""
+    ratio = _upper_median(ratios)
+    return ratio, f"{task}/none x {ratio:.1f} ({method}/none on {task} in {'; '.join(sources)})"
+
+
 def estimate_cost(out: Path, task: str, method: str) -> tuple[float | None, str]:
     """Estimated CPU seconds of the missing cell (task, method) of ``out`` and what the estimate rests on.
 
@@ -330,7 +365,12 @@ def estimate_cost(out: Path, task: str, method: str) -> tuple[float | None, str]
     with the shared prompt (``"search_scoring": "shared-prefix"``, from 2026-12-07; the three variants search grids
     of one size). The ratios to ``none`` come mostly from older rows that ran prompt + option in full for every
     option, several times the cost on tasks with long options (TruthfulQA: 63 CPU minutes measured against 192
-    estimated that way)."""
+    estimated that way).
+
+    Ratios come from tasks of the task's kind: a generative task's search (greedy generation at every grid point)
+    costs several times more per ``none`` row than a choice task's. Where ``out`` has no row of the method on a
+    generative task, the same cell of another model's folder gives the ratio, scaled by the two rows' grid sizes
+    (CAA searches every layer of an 18-layer model, 108 points, against 60 on a 30-layer one)."""
     model = out.name.split("-seed")[0]
     siblings = [d for d in sorted(out.parent.glob(f"{model}*")) if d != out and d.name.split("-seed")[0] == model]
     for sibling in siblings:
@@ -345,7 +385,8 @@ def estimate_cost(out: Path, task: str, method: str) -> tuple[float | None, str]
             rows = f"{len(peers)} row{'s' if len(peers) > 1 else ''}"
             return _upper_median(peers), f"{task}'s sadi-*-all rows searched with the shared prompt ({rows})"
     base = stored_cost(out / task / "none.json")
-    folders = sorted(out.glob("*/"))
+    kind = _is_generative(task)
+    folders = [folder for folder in sorted(out.glob("*/")) if _is_generative(folder.name) == kind]
 
     def median_ratio(name: str) -> tuple[float | None, int]:
         ratios = []
@@ -356,6 +397,15 @@ def estimate_cost(out: Path, task: str, method: str) -> tuple[float | None, str]
         return (_upper_median(ratios) if ratios else None), len(ratios)
 
     ratio, count = median_ratio(method)
+    basis, factor_of = f"{task}/none x {ratio or 0:.1f} (median {method}/none over {count} tasks)", "this task's factor"
+    from_other_models = ratio is None and kind
+    if from_other_models:
+        ratio, basis = _other_models_ratio(out, task, method)
+        factor_of = "this model's factor against them"
+
+    def typical_ratio(name: str) -> float | None:
+        return (_other_models_ratio(out, task, name) if from_other_models else median_ratio(name))[0]
+
     if base is None or ratio is None:
         return None, "no comparable row"
     factors = []
@@ -363,15 +413,14 @@ def estimate_cost(out: Path, task: str, method: str) -> tuple[float | None, str]
         other = path.stem
         if other in ("none", method) or path.name.endswith(".error.json"):
             continue
-        cost, typical = stored_cost(path), median_ratio(other)[0]
+        cost, typical = stored_cost(path), typical_ratio(other)
         if cost is not None and typical:
             factors.append(cost / base / typical)
-    basis = f"{task}/none x {ratio:.1f} (median {method}/none over {count} tasks)"
     if not factors:
         return base * ratio, basis
     factor = _upper_median(factors)
     rows = f"{len(factors)} row{'s' if len(factors) > 1 else ''}"
-    return base * ratio * factor, f"{basis} x {factor:.2f} (this task's factor over {rows})"
+    return base * ratio * factor, f"{basis} x {factor:.2f} ({factor_of} over {rows})"
 
 
 def plan(args) -> int:

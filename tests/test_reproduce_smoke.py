@@ -256,3 +256,27 @@ def test_plan_estimates_an_all_positions_cell_from_the_tasks_shared_prefix_rows(
     assert cost == pytest.approx(100 * 9000 / 600) and basis.startswith("copa/none x 15.0")
     cost, _ = reproduce.estimate_cost(out, "tqa", "iti")  # other methods keep the ratio estimate
     assert cost is None
+
+
+def test_plan_estimates_a_generative_cell_from_generative_rows_only(tmp_path):
+    """A generative task's search costs more per ``none`` row than a choice task's, so its missing cell is not
+    estimated from choice tasks: with no generative row of the method here, the other model's same cell gives the
+    ratio, scaled by the grid sizes and by how this model's other rows on the task compare with that model's."""
+    reproduce = load_script("reproduce")
+    here, there = tmp_path / "results" / "gemma", tmp_path / "results" / "smol"
+    rows = {(here, "copa", "none"): (100, 0), (here, "copa", "caa"): (500, 108),  # choice task: caa 5 x none
+            (here, "triviaqa", "none"): (200, 0), (here, "triviaqa", "iti"): (1200, 6),  # iti 6 x none here ...
+            (there, "triviaqa", "none"): (100, 0), (there, "triviaqa", "iti"): (300, 6),  # ... against 3 x there
+            (there, "triviaqa", "caa"): (1000, 60)}  # caa 10 x none on 60 grid points
+    for (folder, task, method), (cpu, points) in rows.items():
+        (folder / task).mkdir(parents=True, exist_ok=True)
+        record = {"accuracy": 0.5, "cpu_seconds": cpu, "grid": [{"accuracy": 0.5}] * points}
+        (folder / task / f"{method}.json").write_text(json.dumps(record))
+    cost, basis = reproduce.estimate_cost(here, "triviaqa", "caa")
+    assert cost == pytest.approx(200 * 10 * 108 / 60 * 2)
+    assert basis == ("triviaqa/none x 18.0 (caa/none on triviaqa in smol x 1.80 for 108 grid points against 60) "
+                     "x 2.00 (this model's factor against them over 1 row)")
+    cost, basis = reproduce.estimate_cost(here, "copa", "iti")  # choice task: generative rows do not count
+    assert cost is None and basis == "no comparable row"
+    cost, basis = reproduce.estimate_cost(here, "triviaqa", "fixed-head")  # no row of it on any model
+    assert cost is None and basis == "no comparable row"
