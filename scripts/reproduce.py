@@ -329,23 +329,27 @@ def _grid_size(path: Path) -> int | None:
     return len(grid) if isinstance(grid, list) and grid else None
 
 
+def _model_of(folder: Path) -> str:
+    """The model a results folder belongs to: ``results/smollm2-seed1`` holds the same model as ``results/smollm2``."""
+    return folder.name.split("-seed")[0]
+
+
 def _other_models_ratio(out: Path, task: str, method: str) -> tuple[float | None, str]:
     """Ratio method / none of the same task in other models' folders beside ``out`` (median), each scaled by this
     model's grid size for the method (from any of its rows) over that row's."""
-    model = out.name.split("-seed")[0]
-    here = [size for path in sorted(out.glob(f"*/{method}.json")) if (size := _grid_size(path))]
+    sizes = [size for path in sorted(out.glob(f"*/{method}.json")) if (size := _grid_size(path))]
+    here = _upper_median(sizes) if sizes else None
     ratios, sources = [], []
     for folder in sorted(out.parent.glob("*/")):
-        if folder.name.split("-seed")[0] == model:
+        if _model_of(folder) == _model_of(out):
             continue
         row = folder / task / f"{method}.json"
         cost, none, there = stored_cost(row), stored_cost(folder / task / "none.json"), _grid_size(row)
         if cost is None or not none:
             continue
-        scale = _upper_median(here) / there if here and there else 1.0
+        scale = here / there if here and there else 1.0
         ratios.append(cost / none * scale)
-        sources.append(folder.name + (f" x {scale:.2f} for {_upper_median(here)} grid points against {there}"
-                                      if scale != 1.0 else ""))
+        sources.append(folder.name + (f" x {scale:.2f} for {here} grid points against {there}" if scale != 1.0 else ""))
     if not ratios:
         return None, ""
     ratio = _upper_median(ratios)
@@ -371,8 +375,7 @@ def estimate_cost(out: Path, task: str, method: str) -> tuple[float | None, str]
     costs several times more per ``none`` row than a choice task's. Where ``out`` has no row of the method on a
     generative task, the same cell of another model's folder gives the ratio, scaled by the two rows' grid sizes
     (CAA searches every layer of an 18-layer model, 108 points, against 60 on a 30-layer one)."""
-    model = out.name.split("-seed")[0]
-    siblings = [d for d in sorted(out.parent.glob(f"{model}*")) if d != out and d.name.split("-seed")[0] == model]
+    siblings = [d for d in sorted(out.parent.glob(f"{_model_of(out)}*")) if d != out and _model_of(d) == _model_of(out)]
     for sibling in siblings:
         cost = stored_cost(sibling / task / f"{method}.json")
         if cost is not None:
@@ -397,17 +400,18 @@ def estimate_cost(out: Path, task: str, method: str) -> tuple[float | None, str]
         return (_upper_median(ratios) if ratios else None), len(ratios)
 
     ratio, count = median_ratio(method)
-    basis, factor_of = f"{task}/none x {ratio or 0:.1f} (median {method}/none over {count} tasks)", "this task's factor"
     from_other_models = ratio is None and kind
     if from_other_models:
         ratio, basis = _other_models_ratio(out, task, method)
-        factor_of = "this model's factor against them"
+    if base is None or ratio is None:
+        return None, "no comparable row"
+    if not from_other_models:
+        basis = f"{task}/none x {ratio:.1f} (median {method}/none over {count} tasks)"
+    factor_of = "this model's factor against them" if from_other_models else "this task's factor"
 
     def typical_ratio(name: str) -> float | None:
         return (_other_models_ratio(out, task, name) if from_other_models else median_ratio(name))[0]
 
-    if base is None or ratio is None:
-        return None, "no comparable row"
     factors = []
     for path in sorted((out / task).glob("*.json")):
         other = path.stem
