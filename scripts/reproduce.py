@@ -224,7 +224,7 @@ def run_one(args, task, method: str, only_point: dict | None = None) -> dict:
             base = baselines.fit_caa(model, tokenizer, pairs, batch_size=args.batch_size, positions=ADDITIVE_POSITIONS,
                                     show_progress=args.progress)
             n_layers = base.vectors.shape[0]
-            layers = range(0, n_layers, max(1, n_layers // 10))  # about 10 evenly spaced layers
+            layers = range(0, n_layers, max(1, n_layers // 10))  # every n_layers // 10-th layer: 10 of 30, all 18 of 18
             grid = [(layer, alpha) for layer in layers for alpha in CAA_ALPHAS]
         elif method == "iti":
             base = baselines.fit_iti(model, tokenizer, pairs, seed=args.seed, batch_size=args.batch_size,
